@@ -1,0 +1,350 @@
+"""Typed configuration: dataclasses -> OmegaConf structured config in struct mode.
+
+``load(schema, files, overrides)`` merges YAML recipes (later files win) and ``key=value`` overrides onto the
+schema's defaults. A misspelt key fails with the nearest valid key; a wrong type names the key and the type it
+expects; out-of-range values fail in :func:`validate`. Every error is a :class:`~ssl_bocb.errors.UserError`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from .errors import UserError
+
+DATASETS = ("cifar10", "cifar100", "stl10", "imagefolder", "imagenette", "fake")
+
+
+@dataclass
+class DataConfig:
+    # Which dataset: cifar10 | cifar100 | stl10 | imagefolder | imagenette | fake (synthetic, for tests).
+    name: str = "cifar10"
+    # Folder holding the data: native torchvision files, an unpacked ImageFolder tree (<root>/cifar10/train/..)
+    # or an archive such as cifar10-jpeg.tar.gz. Empty: $SSL_BOCB_DATA, else ./data.
+    root: str = ""
+    # Let torchvision download cifar10 / cifar100 / stl10 into `root` when they are missing (needs internet).
+    download: bool = False
+    # Where archives are unpacked (once). Empty: $SSL_BOCB_CACHE, else ~/.cache/ssl_bocb.
+    cache_dir: str = ""
+    # Images per class, chosen deterministically (first N of each class in file order); 0 = all images.
+    subset: int = 0
+    # Side of the square crops fed to the network.
+    image_size: int = 32
+    # RandomResizedCrop lower scale bound: 0.08 ViT (MoCo v3 paper), 0.2 ResNet recipes.
+    crop_min: float = 0.2
+    # Gaussian blur (view 1 always, view 2 with p=0.1). null = auto: on for image_size >= 64, off for
+    # 32 px data, where a blur erases most of the image (common small-image practice, e.g. solo-learn).
+    blur: Optional[bool] = None
+    # Solarize on view 2 with p=0.2 (BYOL / MoCo v3 asymmetry).
+    solarize: bool = True
+    # Normalisation; null = the dataset's own statistics (ImageNet statistics for folders).
+    mean: Optional[List[float]] = None
+    std: Optional[List[float]] = None
+    # Split names for imagefolder / stl10 (pretraining uses train_split).
+    train_split: str = "train"
+    test_split: str = "test"
+    # DataLoader worker processes per training process.
+    num_workers: int = 2
+    # Images per class for the synthetic `fake` dataset, and its number of classes.
+    fake_per_class: int = 16
+    fake_classes: int = 4
+
+
+@dataclass
+class ModelConfig:
+    # Any timm model name (created with num_classes=0), e.g. resnet18, resnet50, vit_small_patch16_224.
+    backbone: str = "resnet18"
+    # Extra keyword arguments for timm.create_model, e.g. {img_size: 32, patch_size: 4, drop_path_rate: 0.1}.
+    backbone_kwargs: Dict[str, Any] = field(default_factory=dict)
+    # ResNet only: 3x3 stride-1 first conv and no max-pool, the usual CIFAR stem for 32 px inputs.
+    cifar_stem: bool = False
+    # ViT only: freeze the random patch projection (MoCo v3 "stop-grad conv1", sec. 4.2); excluded from the
+    # optimizer.
+    frozen_patch_embed: bool = False
+    # ViT only: position embedding: sincos (fixed 2D, MoCo v3) | learned (timm's) | none.
+    pos_embed: str = "sincos"
+    # ViT only: MoCo v3 initialisation (qkv split xavier, xavier Linear, cls token N(0, 1e-6), patch proj).
+    moco_init: bool = True
+    # ResNet: zero-init the last BN gamma of each residual block (MoCo v3 / Goyal et al. 2017).
+    zero_init_residual: bool = True
+    # Projector depth; null = 2 for CNNs, 3 for ViTs (MoCo v3).
+    proj_layers: Optional[int] = None
+    # Predictor depth; 0 removes the predictor (MoCo v3 ablation: about -1 point).
+    pred_layers: int = 2
+    # Hidden width of the projector and predictor MLPs (4096 in MoCo v3).
+    hidden_dim: int = 4096
+    # Output dimension of projector and predictor (256 in MoCo v3).
+    out_dim: int = 256
+    # BatchNorm after each hidden Linear of the projector / predictor (MoCo v3 heads have it; removing it is
+    # the BN-head ablation, about -2 points).
+    proj_hidden_bn: bool = True
+    pred_hidden_bn: bool = True
+    # BatchNorm1d(affine=False) after the last Linear: projector always in MoCo v3; predictor only for ViT.
+    # null = the MoCo v3 default for the backbone family.
+    proj_last_bn: Optional[bool] = None
+    pred_last_bn: Optional[bool] = None
+
+
+@dataclass
+class MocoConfig:
+    # Softmax temperature tau: 0.2 ViT, 1.0 ResNet-50 in the published recipes.
+    temperature: float = 0.2
+    # Momentum-encoder EMA coefficient m0 (0.99 best in the paper, 0.996 for long ResNet runs).
+    momentum: float = 0.99
+    # cosine: m goes from m0 to 1 over training (published recipes) | constant.
+    momentum_schedule: str = "cosine"
+
+
+@dataclass
+class OptimConfig:
+    # adamw | lamb | sgd | lars, or any name timm.optim.create_optimizer_v2 knows (lion, adan, nadam, ...).
+    name: str = "adamw"
+    # Learning rate for a global batch of 256; the actual lr follows `lr_scaling`.
+    base_lr: float = 1.5e-4
+    # linear: lr = base_lr * batch / 256 (Goyal et al.) | sqrt: base_lr * sqrt(batch / 256) | none.
+    lr_scaling: str = "linear"
+    # Final lr of the cosine schedule, as a fraction of the peak lr.
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.1
+    # Weight decay at the end of training (cosine from weight_decay); null = constant.
+    weight_decay_end: Optional[float] = None
+    # exclude_norm_bias: no decay (and no LARS/LAMB trust ratio) for tensors with ndim <= 1, cls token and
+    # position embedding | decay_all: the reference MoCo v3 AdamW behaviour.
+    param_groups: str = "exclude_norm_bias"
+    # SGD / LARS momentum, and Nesterov for SGD.
+    momentum: float = 0.9
+    nesterov: bool = False
+    # Adam-family betas and eps.
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    # LARS trust coefficient eta (0.001 ImageNet; 0.02 with trust_clip for small batches, solo-learn).
+    trust_coefficient: float = 0.001
+    # LARC: clip the LARS trust ratio so the local lr never exceeds the global lr.
+    trust_clip: bool = False
+    # Clip gradients to this global L2 norm; 0 = off.
+    grad_clip: float = 0.0
+    # Extra keyword arguments passed to the optimizer's constructor.
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    # Linear warmup length in epochs (may be fractional); then half-cycle cosine, per iteration.
+    warmup_epochs: float = 10.0
+    # Global batch size over all processes; must divide by the number of processes.
+    batch_size: int = 256
+    # no | bf16 | fp16, through Accelerate.
+    mixed_precision: str = "no"
+    # Convert BatchNorm to SyncBatchNorm when more than one process runs (MoCo v3 does).
+    sync_bn: bool = True
+    # Save a checkpoint every N epochs (and always at the end).
+    save_every: int = 10
+    # Also save every N optimisation steps (mid-epoch resume points); 0 = off.
+    save_every_steps: int = 0
+    # Keep only the newest N checkpoints; 0 = keep all.
+    keep_checkpoints: int = 2
+    # Stop this invocation after this global step (a checkpoint is written); 0 = run to the end. Useful to
+    # split a long run into jobs, or to time a few steps.
+    stop_at_step: int = 0
+    # Log step scalars every N steps.
+    log_every: int = 10
+    # Force the CPU even when an accelerator is present.
+    cpu: bool = False
+
+
+@dataclass
+class MonitorConfig:
+    # Online kNN monitor: every N epochs a kNN top-1 on a fixed labelled subset; 0 = off.
+    knn_every: int = 0
+    # Labelled images per class for the monitor's train bank and for its queries.
+    knn_train_per_class: int = 100
+    knn_test_per_class: int = 50
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+
+
+@dataclass
+class PretrainConfig:
+    # Run directory. Empty: runs/<recipe name>-<timestamp>.
+    output_dir: str = ""
+    seed: int = 0
+    # "" start fresh | auto: newest checkpoint in output_dir (fresh if none) | path to a checkpoint folder.
+    resume: str = ""
+    # Allow reusing an output_dir that holds another run; its old contents are moved to <dir>.old-<time>.
+    overwrite: bool = False
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moco: MocoConfig = field(default_factory=MocoConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+
+
+# Allowed values of string keys, checked by validate().
+CHOICES = {
+    "data.name": DATASETS,
+    "model.pos_embed": ("sincos", "learned", "none"),
+    "moco.momentum_schedule": ("cosine", "constant"),
+    "optim.lr_scaling": ("linear", "sqrt", "none"),
+    "optim.param_groups": ("exclude_norm_bias", "decay_all"),
+    "train.mixed_precision": ("no", "bf16", "fp16"),
+}
+# Keys that must be > 0 and >= 0.
+POSITIVE = ("train.epochs", "train.batch_size", "optim.base_lr", "moco.temperature", "data.image_size",
+            "model.hidden_dim", "model.out_dim")
+NON_NEGATIVE = ("optim.weight_decay", "train.warmup_epochs", "data.subset", "data.num_workers",
+                "train.save_every", "train.save_every_steps", "optim.grad_clip", "train.stop_at_step",
+                "monitor.knn_every")
+
+# Free-form mappings inside the schema (any key allowed).
+OPEN_KEYS = ("model.backbone_kwargs", "optim.kwargs", "finetune.optim_kwargs")
+
+# Top-level keys written beside the config in saved run files; ignored when a saved config is loaded again.
+SAVED_EXTRAS = ("derived",)
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return f"{_type_name(args[0])} or null"
+    if origin in (list, List):
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin in (dict, Dict):
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def schema_keys(schema, prefix: str = "") -> Dict[str, str]:
+    """Map every dotted key of a dataclass schema to a readable type name."""
+    out = {}
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        tp = hints[f.name]
+        key = prefix + f.name
+        if dataclasses.is_dataclass(tp):
+            out.update(schema_keys(tp, key + "."))
+        else:
+            out[key] = _type_name(tp)
+    return out
+
+
+def nearest_key(key: str, schema) -> Optional[str]:
+    keys = list(schema_keys(schema))
+    match = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+    if not match:  # compare the last component alone (e.g. 'epoch' for 'train.epochs')
+        last = {k.rsplit(".", 1)[-1]: k for k in keys}
+        m = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(last), n=1, cutoff=0.6)
+        match = [last[m[0]]] if m else []
+    return match[0] if match else None
+
+
+def _merge(base: DictConfig, other: DictConfig, source: str, schema) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except ConfigKeyError as e:
+        key = str(e.full_key or e.key)
+        hint = nearest_key(key, schema)
+        fix = f"did you mean '{hint}'?" if hint else "see README.md for the valid keys"
+        raise UserError(f"unknown config key '{key}' in {source}; {fix}") from None
+    except ValidationError as e:
+        key = str(e.full_key or e.key)
+        expected = schema_keys(schema).get(key, "another type")
+        raise UserError(f"config key '{key}' in {source} expects {expected}, got {e.value!r}") from None
+    except OmegaConfBaseException as e:
+        raise UserError(f"bad config in {source}: {str(e).splitlines()[0]}") from None
+
+
+def _open(cfg: DictConfig) -> DictConfig:
+    for key in OPEN_KEYS:
+        node = _get(cfg, key)
+        if node is not None:
+            OmegaConf.set_struct(node, False)
+    return cfg
+
+
+def load(schema, files: List[str] = (), overrides: List[str] = ()) -> DictConfig:
+    """Build the config: schema defaults <- each YAML file in order <- ``key=value`` overrides."""
+    cfg = OmegaConf.structured(schema)
+    OmegaConf.set_struct(cfg, True)
+    _open(cfg)
+    for path in files:
+        if not os.path.isfile(path):
+            raise UserError(f"config file '{path}' does not exist; check the path passed to --config")
+        try:
+            part = OmegaConf.load(path)
+        except Exception as e:  # yaml.YAMLError and friends
+            raise UserError(f"config file '{path}' is not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(part, DictConfig):
+            raise UserError(f"config file '{path}' must hold a mapping of keys, not a {type(part).__name__}")
+        for extra in SAVED_EXTRAS:
+            part.pop(extra, None)
+        cfg = _open(_merge(cfg, part, f"'{path}'", schema))
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise UserError(f"override '{bad[0]}' is not of the form key=value (e.g. train.epochs=10)")
+    try:
+        dot = OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as e:
+        raise UserError(f"cannot parse overrides {list(overrides)}: {str(e).splitlines()[0]}") from None
+    cfg = _open(_merge(cfg, dot, "the command line", schema))
+    validate(cfg)
+    return cfg
+
+
+def _get(cfg, key):
+    node = cfg
+    for part in key.split("."):
+        if part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def validate(cfg: DictConfig) -> None:
+    for key, allowed in CHOICES.items():
+        value = _get(cfg, key)
+        if value is not None and value not in allowed:
+            raise UserError(f"{key}={value!r} is not valid; choose one of: {', '.join(allowed)}")
+    for key in POSITIVE:
+        value = _get(cfg, key)
+        if value is not None and not value > 0:
+            raise UserError(f"{key} must be > 0, got {value}")
+    for key in NON_NEGATIVE:
+        value = _get(cfg, key)
+        if value is not None and value < 0:
+            raise UserError(f"{key} must be >= 0, got {value}")
+    if "optim" in cfg and len(cfg.optim.betas) != 2:
+        raise UserError(f"optim.betas must hold two numbers, got {list(cfg.optim.betas)}")
+
+
+def scaled_lr(base_lr: float, global_batch: int, rule: str) -> float:
+    """Actual peak lr from the base lr (per 256 images) and the global batch size."""
+    if rule == "linear":
+        return base_lr * global_batch / 256
+    if rule == "sqrt":
+        return base_lr * math.sqrt(global_batch / 256)
+    return base_lr
+
+
+def to_dict(cfg: DictConfig) -> Dict[str, Any]:
+    """Plain, resolved dict (for checkpoints and JSON): never pickle a DictConfig."""
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def save(cfg: DictConfig, path: str, derived: Optional[Dict[str, Any]] = None) -> None:
+    data = to_dict(cfg)
+    if derived:
+        data["derived"] = derived
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(OmegaConf.to_yaml(OmegaConf.create(data)))
+    os.replace(tmp, path)

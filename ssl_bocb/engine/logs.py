@@ -1,0 +1,95 @@
+"""Run folders and logs: claiming an output folder safely, JSON-lines logs, peak memory, console logging."""
+import json
+import logging
+import os
+import resource
+import sys
+import time
+from typing import Dict, List
+
+import torch
+
+from ..errors import UserError
+
+RUN_FILES = ("config.yaml", "checkpoints", "log.jsonl", "backbone.safetensors")
+
+
+def default_run_dir(name: str) -> str:
+    return os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def holds_run(path: str) -> bool:
+    return os.path.isdir(path) and any(os.path.exists(os.path.join(path, f)) for f in RUN_FILES)
+
+
+def check_run_dir(path: str, resuming: bool, overwrite: bool) -> None:
+    """Refuse to write into a folder that holds another run, unless resuming it or asked to overwrite."""
+    if holds_run(path) and not resuming and not overwrite:
+        raise UserError(f"output_dir '{path}' already holds a run; pass resume=auto to continue it, overwrite=true "
+                        f"to move it aside (to {os.path.basename(path)}.old-<time>), or choose another output_dir")
+
+
+def claim_run_dir(path: str, resuming: bool, overwrite: bool) -> None:
+    """Create the run folder; with overwrite, move an earlier run aside instead of deleting it. Main process."""
+    if holds_run(path) and not resuming and overwrite:
+        aside = f"{path.rstrip('/')}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.rename(path, aside)
+        logging.getLogger(__name__).warning("moved the earlier run in %s to %s", path, aside)
+    os.makedirs(path, exist_ok=True)
+
+
+def setup_logging(is_main: bool, log_file: str = None) -> None:
+    root = logging.getLogger()
+    root.setLevel(logging.INFO if is_main else logging.WARNING)
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint messages
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    if not any(getattr(h, "_ssl_bocb", False) for h in root.handlers):
+        h = logging.StreamHandler(sys.stdout)
+        h.setFormatter(fmt)
+        h._ssl_bocb = True
+        root.addHandler(h)
+    if log_file and is_main:
+        for h in list(root.handlers):
+            if getattr(h, "_ssl_bocb_file", False):
+                root.removeHandler(h)
+                h.close()
+        fh = logging.FileHandler(log_file)
+        fh.setFormatter(fmt)
+        fh._ssl_bocb_file = True
+        root.addHandler(fh)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak accelerator memory allocated (CUDA), else the process's peak resident memory."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def read_jsonl(path: str) -> List[Dict]:
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def append_jsonl(path: str, row: Dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def truncate_jsonl(path: str, max_step: int) -> None:
+    """Keep the rows logged up to ``max_step`` (a resumed run rewrites what came after its checkpoint)."""
+    rows = [r for r in read_jsonl(path) if r.get("step", 0) <= max_step]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
+
+
+def write_json(path: str, data) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)

@@ -1,0 +1,269 @@
+"""MoCo v3 pretraining on Accelerate: the same code on one CPU, one GPU, or many processes and nodes."""
+import logging
+import math
+import os
+import time
+from typing import Optional
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed
+from omegaconf import DictConfig
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .. import config as config_mod
+from ..data import build_dataset, pretrain_transform
+from ..errors import UserError
+from ..losses import contrastive_loss
+from ..models import build_moco, export_backbone
+from ..optim import group_summary, optimizer_from_cfg
+from ..optim import schedules
+from . import checkpoint as ckpt
+from . import logs
+
+log = logging.getLogger(__name__)
+
+
+def make_accelerator(train_cfg, seed: int = 0) -> Accelerator:
+    """Accelerate decides the device; the seedable sampler makes each epoch's order a function of
+    (seed, epoch), so a resumed run continues the same permutation."""
+    try:
+        return Accelerator(mixed_precision=train_cfg.mixed_precision, cpu=train_cfg.cpu,
+                           dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed))
+    except ValueError as e:
+        raise UserError(f"train.mixed_precision={train_cfg.mixed_precision} cannot run here ({e}); "
+                        f"use bf16 or no on CPU") from None
+
+
+def _shared_run_dir(cfg: DictConfig, name: str, resume_path: Optional[str]) -> str:
+    """The run folder: output_dir, else the resumed checkpoint's run, else runs/<name>-<time> (the main
+    process's clock decides, so that every process agrees)."""
+    if cfg.output_dir:
+        return cfg.output_dir
+    if resume_path:
+        return os.path.dirname(os.path.dirname(os.path.abspath(resume_path)))
+    return logs.default_run_dir(name)
+
+
+def pretrain(cfg: DictConfig, name: str = "run") -> str:
+    """Run (or resume) MoCo v3 pretraining; returns the run folder."""
+    resume_path = ckpt.resolve_resume(cfg.resume, cfg.output_dir)
+    if cfg.resume and cfg.resume != "auto" and resume_path is None:
+        raise UserError(f"nothing to resume at '{cfg.resume}'")
+    run_dir = _shared_run_dir(cfg, name, resume_path)
+    accelerator = make_accelerator(cfg.train, seed=cfg.seed)
+    run_dir = broadcast_object_list([run_dir])[0] if accelerator.num_processes > 1 else run_dir
+    logs.setup_logging(accelerator.is_main_process)
+    resuming = resume_path is not None
+    logs.check_run_dir(run_dir, resuming, cfg.overwrite)
+    meta = None
+    if resume_path:
+        meta = ckpt.read_meta(resume_path)
+        ckpt.check_same_model(meta, config_mod.to_dict(cfg.model), resume_path)
+
+    world = accelerator.num_processes
+    if cfg.train.batch_size % world:
+        raise UserError(f"train.batch_size={cfg.train.batch_size} does not divide by the {world} processes; "
+                        f"choose a multiple of {world}")
+    per_device = cfg.train.batch_size // world
+    set_seed(cfg.seed)
+
+    dataset = build_dataset(cfg.data, cfg.data.train_split, pretrain_transform(cfg.data), seed=cfg.seed)
+    if len(dataset) < cfg.train.batch_size:
+        raise UserError(f"the {cfg.data.name} training set has {len(dataset)} images, fewer than one batch of "
+                        f"{cfg.train.batch_size}; lower train.batch_size or raise data.subset")
+    # The loader's own generator keeps iterator creation from drawing on the global RNG (which drop-path uses
+    # and checkpoints restore), so a resumed run continues the exact random stream.
+    loader = DataLoader(dataset, batch_size=per_device, shuffle=True, drop_last=True,
+                        num_workers=cfg.data.num_workers, pin_memory=accelerator.device.type == "cuda",
+                        generator=torch.Generator().manual_seed(cfg.seed))
+
+    model = build_moco(cfg.model)
+    if world > 1 and cfg.train.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    lr = config_mod.scaled_lr(cfg.optim.base_lr, cfg.train.batch_size, cfg.optim.lr_scaling)
+    optimizer = optimizer_from_cfg(model, cfg.optim, lr)
+    groups = group_summary(optimizer.param_groups)
+
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    unwrapped = accelerator.unwrap_model(model)
+    steps_per_epoch = len(loader)
+    total_steps = cfg.train.epochs * steps_per_epoch
+    warmup_steps = int(round(cfg.train.warmup_epochs * steps_per_epoch))
+    wd_end = cfg.optim.weight_decay if cfg.optim.weight_decay_end is None else cfg.optim.weight_decay_end
+    derived = dict(lr=lr, world_size=world, per_device_batch=per_device, steps_per_epoch=steps_per_epoch,
+                   total_steps=total_steps, warmup_steps=warmup_steps, train_images=len(dataset),
+                   param_groups=[dict(name=n, tensors=t, params=p, weight_decay=w) for n, t, p, w in groups],
+                   backbone=unwrapped.backbone.ssl_bocb_spec)
+
+    # nothing is written before this point: bad input fails without touching any folder
+    if accelerator.is_main_process:
+        logs.claim_run_dir(run_dir, resuming, cfg.overwrite)
+    accelerator.wait_for_everyone()
+    logs.setup_logging(accelerator.is_main_process, os.path.join(run_dir, "train.log"))
+    if accelerator.is_main_process:
+        config_mod.save(cfg, os.path.join(run_dir, "config.yaml"), derived)
+
+    log.info("run folder: %s", run_dir)
+    log.info("device %s x %d processes, mixed precision %s", accelerator.device, world, accelerator.mixed_precision)
+    log.info("backbone %s (%d features), %d training images, global batch %d (%d per process)",
+             cfg.model.backbone, unwrapped.backbone.num_features, len(dataset), cfg.train.batch_size, per_device)
+    log.info("optimizer %s: lr = %g (base_lr %g x %s scaling of batch %d), weight decay %g -> %g",
+             cfg.optim.name, lr, cfg.optim.base_lr, cfg.optim.lr_scaling, cfg.train.batch_size,
+             cfg.optim.weight_decay, wd_end)
+    for n, t, p, w in groups:
+        log.info("param group %-9s %4d tensors %11d params weight_decay %g", n, t, p, w)
+    log.info("%d steps per epoch, %d total, %d warmup", steps_per_epoch, total_steps, warmup_steps)
+
+    step = 0
+    if resume_path:
+        meta = ckpt.load_checkpoint(accelerator, resume_path)
+        step = meta["step"]
+        log.info("resumed from %s at step %d (epoch %d)", resume_path, step, step // steps_per_epoch)
+    if accelerator.is_main_process:
+        for f in ("log.jsonl", "steps.jsonl"):
+            logs.truncate_jsonl(os.path.join(run_dir, f), step)
+    tb = _TensorBoard(run_dir, accelerator.is_main_process)
+
+    monitor = None
+    if cfg.monitor.knn_every > 0:
+        from ..eval.monitor import KnnMonitor
+        monitor = KnnMonitor(cfg, accelerator)
+
+    def meta_now(epoch_done):
+        return dict(step=step, epoch=step // steps_per_epoch, epochs_done=epoch_done, steps_per_epoch=steps_per_epoch,
+                    config=config_mod.to_dict(cfg), derived=derived)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+    stop_at = cfg.train.stop_at_step or total_steps
+    progress = None
+    try:
+        for epoch in range(step // steps_per_epoch, cfg.train.epochs):
+            if step >= stop_at:
+                break
+            dataset.set_epoch(epoch)
+            loader.set_epoch(epoch)
+            skip = step - epoch * steps_per_epoch
+            batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+            model.train()
+            progress = tqdm(total=steps_per_epoch * cfg.train.batch_size, initial=skip * cfg.train.batch_size,
+                            unit="img", unit_scale=True, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+                            disable=not accelerator.is_main_process, dynamic_ncols=True)
+            sums = dict(loss=0.0, grad_norm=0.0, n=0)
+            skipped = torch.zeros((), device=accelerator.device)
+            t_epoch = t_log = time.time()
+            for (x1, x2), _, n_bad in batches:
+                lr_t = schedules.warmup_cosine(step, total_steps, warmup_steps, lr, lr * cfg.optim.min_lr_ratio)
+                wd_t = schedules.cosine(step, total_steps, cfg.optim.weight_decay, wd_end)
+                m_t = schedules.momentum(step, total_steps, cfg.moco.momentum, cfg.moco.momentum_schedule)
+                for g in optimizer.param_groups:
+                    g["lr"] = lr_t
+                    g["weight_decay"] = wd_t * g.get("wd_scale", 1.0)
+                unwrapped.update_momentum(m_t)  # EMA first, then the keys (MoCo v3 Alg. 1)
+                with accelerator.autocast():
+                    q1, q2 = model(x1, x2)
+                    k1 = unwrapped.forward_momentum(x1)
+                    k2 = unwrapped.forward_momentum(x2)
+                    loss = (contrastive_loss(q1.float(), k2.float(), cfg.moco.temperature)
+                            + contrastive_loss(q2.float(), k1.float(), cfg.moco.temperature))
+                optimizer.zero_grad(set_to_none=True)
+                accelerator.backward(loss)
+                grad_norm = accelerator.clip_grad_norm_(params, max_norm)
+                optimizer.step()
+                step += 1
+                skipped += n_bad.sum()
+                loss_v = loss.item()
+                if not math.isfinite(loss_v):
+                    raise UserError(f"training diverged: loss is {loss_v} at step {step}; lower optim.base_lr, set "
+                                    f"optim.grad_clip, or use train.mixed_precision=no (checkpoints so far are kept)")
+                gn = float(grad_norm) if grad_norm is not None else float("nan")
+                sums["loss"] += loss_v
+                sums["grad_norm"] += gn
+                sums["n"] += 1
+                progress.update(cfg.train.batch_size)
+                progress.set_postfix(loss=f"{loss_v:.4f}", lr=f"{lr_t:.3g}", refresh=False)
+                if step % cfg.train.log_every == 0 or step == stop_at:
+                    now = time.time()
+                    n_steps = (step - 1) % cfg.train.log_every + 1
+                    row = dict(step=step, epoch=epoch, loss=float(accelerator.reduce(loss.detach(), "mean")),
+                               lr=lr_t, wd=wd_t, momentum=m_t, grad_norm=gn,
+                               images_per_s=n_steps * cfg.train.batch_size / max(now - t_log, 1e-9),
+                               peak_mem_mb=logs.peak_memory_mb(accelerator.device))
+                    t_log = now
+                    if accelerator.is_main_process:
+                        logs.append_jsonl(os.path.join(run_dir, "steps.jsonl"), row)
+                        tb.scalars("train", row, step)
+                if cfg.train.save_every_steps and step % cfg.train.save_every_steps == 0:
+                    ckpt.save_checkpoint(accelerator, run_dir, meta_now(False), cfg.train.keep_checkpoints)
+                if step >= stop_at:
+                    break
+            progress.close()
+            epoch_done = step == (epoch + 1) * steps_per_epoch
+            if not epoch_done:  # stopped mid-epoch (train.stop_at_step)
+                break
+            seconds = time.time() - t_epoch
+            n_skipped = int(accelerator.reduce(skipped, "sum").item())
+            row = dict(epoch=epoch + 1, step=step, loss=sums["loss"] / max(sums["n"], 1),
+                       grad_norm=sums["grad_norm"] / max(sums["n"], 1), lr=lr_t, wd=wd_t, momentum=m_t,
+                       images_per_s=sums["n"] * cfg.train.batch_size / max(seconds, 1e-9),
+                       peak_mem_mb=logs.peak_memory_mb(accelerator.device), skipped_images=n_skipped,
+                       seconds=seconds)
+            if monitor is not None and ((epoch + 1) % cfg.monitor.knn_every == 0 or epoch + 1 == cfg.train.epochs):
+                row["knn_top1"] = monitor(unwrapped.backbone)
+                model.train()
+            if n_skipped:
+                log.warning("epoch %d: skipped %d unreadable images (see the warnings above)", epoch + 1, n_skipped)
+            log.info("epoch %d/%d  loss %.4f  lr %.3g  m %.4f  %.1f img/s  peak mem %.0f MB%s", epoch + 1,
+                     cfg.train.epochs, row["loss"], lr_t, m_t, row["images_per_s"], row["peak_mem_mb"],
+                     f"  kNN top-1 {row['knn_top1']:.2f}" if "knn_top1" in row else "")
+            if accelerator.is_main_process:
+                logs.append_jsonl(os.path.join(run_dir, "log.jsonl"), row)
+                tb.scalars("epoch", row, step)
+            if (epoch + 1) % max(cfg.train.save_every, 1) == 0 or epoch + 1 == cfg.train.epochs:
+                ckpt.save_checkpoint(accelerator, run_dir, meta_now(True), cfg.train.keep_checkpoints)
+    except KeyboardInterrupt:
+        if progress is not None:
+            progress.close()
+        if world == 1 and step > 0:
+            path = ckpt.save_checkpoint(accelerator, run_dir, meta_now(False), cfg.train.keep_checkpoints)
+            log.warning("interrupted at step %d; saved %s (continue with resume=auto output_dir=%s)", step, path,
+                        run_dir)
+        raise
+
+    if step < total_steps:
+        if not ckpt.latest_checkpoint(run_dir) or ckpt.read_meta(ckpt.latest_checkpoint(run_dir))["step"] != step:
+            ckpt.save_checkpoint(accelerator, run_dir, meta_now(False), cfg.train.keep_checkpoints)
+        log.info("stopped at step %d of %d (train.stop_at_step); continue with resume=auto output_dir=%s", step,
+                 total_steps, run_dir)
+    elif accelerator.is_main_process:
+        export_backbone(unwrapped.backbone, run_dir, extra=dict(pretrain_step=step))
+        log.info("exported %s", os.path.join(run_dir, "backbone.safetensors"))
+    accelerator.wait_for_everyone()
+    tb.close()
+    accelerator.end_training()
+    return run_dir
+
+
+class _TensorBoard:
+    """TensorBoard scalars written by the main process (torch.utils.tensorboard)."""
+
+    def __init__(self, run_dir: str, enabled: bool):
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(os.path.join(run_dir, "tb"))
+
+    def scalars(self, prefix: str, row: dict, step: int):
+        if self.writer is None:
+            return
+        for k, v in row.items():
+            if k not in ("step", "epoch") and isinstance(v, (int, float)):
+                self.writer.add_scalar(f"{prefix}/{k}", v, step)
+        self.writer.flush()
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()

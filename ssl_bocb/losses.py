@@ -1,0 +1,36 @@
+"""Pure loss functions of tensors (device-agnostic, tested on CPU)."""
+import torch
+import torch.nn.functional as F
+
+from . import dist
+
+
+def contrastive_loss(q: torch.Tensor, k: torch.Tensor, temperature: float, gather=dist.gather_nograd,
+                     rank: int = None) -> torch.Tensor:
+    """One direction of the MoCo v3 InfoNCE loss (Chen, Xie, He 2021, Alg. 1).
+
+    Args:
+        q: queries [N, D] from the base encoder (un-normalised; gradients flow through them).
+        k: keys [N, D] from the momentum encoder (un-normalised; treated as constants).
+        temperature: tau.
+        gather: collects the keys of all processes without gradient ([N, D] -> [N * world, D]); identity in a
+            single process.
+        rank: this process's index in the gather (default: the distributed rank, 0 when not distributed).
+
+    Returns:
+        Scalar ``cross_entropy(q @ k_all.T / tau, i + N * rank) * 2 * tau``. The 2 * tau factor follows the
+        reference implementation and makes the gradient scale independent of tau.
+    """
+    q = F.normalize(q, dim=1)
+    k = F.normalize(k, dim=1)
+    k_all = gather(k)                                   # [N * world, D]
+    logits = q @ k_all.t() / temperature                # [N, N * world]
+    n = q.shape[0]
+    r = dist.rank() if rank is None else rank
+    targets = torch.arange(n, device=q.device) + n * r
+    return F.cross_entropy(logits, targets) * (2 * temperature)
+
+
+def symmetric_loss(q1, q2, k1, k2, temperature: float) -> torch.Tensor:
+    """MoCo v3 total loss: ctr(q1, k2) + ctr(q2, k1)."""
+    return contrastive_loss(q1, k2, temperature) + contrastive_loss(q2, k1, temperature)

@@ -1,0 +1,4 @@
+from .backbones import apply_cifar_stem, create_backbone, is_vit, sincos_2d_pos_embed
+from .export import export_backbone, load_backbone
+from .heads import build_mlp
+from .mocov3 import MoCoV3, build_moco
