@@ -19,8 +19,7 @@ from ssl_bocb.errors import cli_main  # noqa: E402
 def main(argv=None):
     files, overrides, name = parse_args("MoCo v3 self-supervised pretraining", argv)
     cfg = config.load(config.PretrainConfig, files, overrides)
-    run_dir = pretrain(cfg, name)
-    print(f"run folder: {run_dir}")
+    pretrain(cfg, name)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed
 from omegaconf import DictConfig
 from torch import nn
@@ -29,8 +30,14 @@ log = logging.getLogger(__name__)
 def make_accelerator(train_cfg, seed: int = 0) -> Accelerator:
     """Accelerate decides the device; the seedable sampler makes each epoch's order a function of
     (seed, epoch), so a resumed run continues the same permutation."""
+    # Several processes on a machine with no accelerator (torchrun / accelerate launch --multi_gpu on a CPU box)
+    # need Accelerate's CPU mode to form a gloo process group instead of running as independent copies.
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    cpu = train_cfg.cpu or (launched and not torch.accelerator.is_available())
+    if not launched:  # one process may run several stages (quickstart, tests), each with its own settings
+        AcceleratorState._reset_state(reset_partial_state=True)
     try:
-        return Accelerator(mixed_precision=train_cfg.mixed_precision, cpu=train_cfg.cpu,
+        return Accelerator(mixed_precision=train_cfg.mixed_precision, cpu=cpu,
                            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed))
     except ValueError as e:
         raise UserError(f"train.mixed_precision={train_cfg.mixed_precision} cannot run here ({e}); "
@@ -82,7 +89,11 @@ def pretrain(cfg: DictConfig, name: str = "run") -> str:
 
     model = build_moco(cfg.model)
     if world > 1 and cfg.train.sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if accelerator.device.type == "cpu":
+            log.warning("SyncBatchNorm needs GPU processes (torch DDP); on CPU each process normalises its own "
+                        "shard of the batch")
+        else:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     lr = config_mod.scaled_lr(cfg.optim.base_lr, cfg.train.batch_size, cfg.optim.lr_scaling)
     optimizer = optimizer_from_cfg(model, cfg.optim, lr)
     groups = group_summary(optimizer.param_groups)
@@ -92,6 +103,9 @@ def pretrain(cfg: DictConfig, name: str = "run") -> str:
     steps_per_epoch = len(loader)
     total_steps = cfg.train.epochs * steps_per_epoch
     warmup_steps = int(round(cfg.train.warmup_epochs * steps_per_epoch))
+    if warmup_steps > total_steps:
+        log.warning("train.warmup_epochs=%g is longer than the run (%d epochs): the lr never reaches its peak",
+                    cfg.train.warmup_epochs, cfg.train.epochs)
     wd_end = cfg.optim.weight_decay if cfg.optim.weight_decay_end is None else cfg.optim.weight_decay_end
     derived = dict(lr=lr, world_size=world, per_device_batch=per_device, steps_per_epoch=steps_per_epoch,
                    total_steps=total_steps, warmup_steps=warmup_steps, train_images=len(dataset),
@@ -244,6 +258,7 @@ def pretrain(cfg: DictConfig, name: str = "run") -> str:
     accelerator.wait_for_everyone()
     tb.close()
     accelerator.end_training()
+    log.info("run folder: %s", run_dir)
     return run_dir
 
 

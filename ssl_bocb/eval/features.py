@@ -1,0 +1,133 @@
+"""Frozen-backbone inputs for evaluation: loading what was pretrained, extracting and caching features."""
+import hashlib
+import json
+import logging
+import os
+from typing import Dict, Optional, Tuple
+
+import safetensors.torch
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..data.archive import default_cache_dir
+from ..engine import checkpoint as ckpt
+from ..errors import UserError
+from ..models import create_backbone, load_backbone
+from ..models.backbones import backbone_kwargs_from_cfg
+
+log = logging.getLogger(__name__)
+
+
+def resolve_checkpoint(path: str) -> Tuple[str, str]:
+    """Classify ``checkpoint=``: ('export', backbone.safetensors path) or ('state', checkpoint folder)."""
+    if not os.path.exists(path):
+        raise UserError(f"checkpoint '{path}' does not exist; pass a pretraining run folder, a checkpoint folder "
+                        f"or a backbone.safetensors file")
+    if os.path.isfile(path):
+        if path.endswith(".safetensors"):
+            return "export", path
+        raise UserError(f"checkpoint '{path}' is a file but not a .safetensors export; pass the run folder instead")
+    if os.path.isfile(os.path.join(path, "backbone.safetensors")):
+        return "export", os.path.join(path, "backbone.safetensors")
+    if os.path.isfile(os.path.join(path, "meta.json")):
+        return "state", path
+    latest = ckpt.latest_checkpoint(path)
+    if latest:
+        return "state", latest
+    raise UserError(f"'{path}' holds neither backbone.safetensors nor a checkpoint (checkpoints/step-*/); is it a "
+                    f"pretraining run folder?")
+
+
+def load_eval_backbone(checkpoint: str, model_cfg) -> Tuple[nn.Module, Dict]:
+    """The backbone to evaluate and a description of it. Without a checkpoint: ``model.backbone`` at random init
+    (the baseline every result is read against)."""
+    if not checkpoint:
+        torch.manual_seed(0)  # the same random baseline every time
+        model = create_backbone(model_cfg.backbone, **backbone_kwargs_from_cfg(model_cfg))
+        return model, {"checkpoint": None, "backbone": model_cfg.backbone, "init": "random"}
+    kind, path = resolve_checkpoint(checkpoint)
+    if kind == "export":
+        model = load_backbone(path)
+        return model, {"checkpoint": os.path.abspath(path), "backbone": model.ssl_bocb_spec["timm_name"],
+                       "init": "pretrained"}
+    meta = ckpt.read_meta(path)
+    mcfg = meta.get("config", {}).get("model")
+    if mcfg is None:
+        raise UserError(f"'{path}' is not an ssl_bocb pretraining checkpoint (meta.json has no model config)")
+    from omegaconf import OmegaConf
+    model = create_backbone(mcfg["backbone"], **backbone_kwargs_from_cfg(OmegaConf.create(mcfg)))
+    weights = os.path.join(path, "model.safetensors")
+    if not os.path.isfile(weights):
+        raise UserError(f"checkpoint '{path}' has no model.safetensors")
+    state = safetensors.torch.load_file(weights)
+    backbone_state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    try:
+        model.load_state_dict(backbone_state)
+    except RuntimeError as e:
+        raise UserError(f"checkpoint '{path}' does not fit {mcfg['backbone']} ({str(e).splitlines()[0]})") from None
+    return model, {"checkpoint": os.path.abspath(path), "backbone": mcfg["backbone"], "init": "pretrained",
+                   "pretrain_step": meta.get("step")}
+
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 of a module's parameters and buffers (names, shapes and bytes): the cache key of its content."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def extract_features(backbone: nn.Module, dataset, accelerator, batch_size: int = 256, num_workers: int = 2,
+                     desc: str = "features") -> Tuple[torch.Tensor, torch.Tensor]:
+    """Backbone features in eval mode: [N, num_features] float32 and labels [N], in dataset order, on CPU.
+
+    Runs through Accelerate: each process embeds its shard and ``gather_for_metrics`` drops the padding that
+    evens out the last batch.
+    """
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        pin_memory=accelerator.device.type == "cuda")
+    model = backbone.to(accelerator.device)
+    loader = accelerator.prepare_data_loader(loader)
+    model.eval()
+    feats, labels = [], []
+    bar = tqdm(total=len(dataset), unit="img", unit_scale=True, desc=desc, disable=not accelerator.is_main_process,
+               dynamic_ncols=True)
+    for x, y, _ in loader:
+        with accelerator.autocast():
+            f = model(x)
+        f, y = accelerator.gather_for_metrics((f.float().contiguous(), y))
+        feats.append(f.cpu())
+        labels.append(y.cpu())
+        bar.update(f.shape[0])
+    bar.close()
+    return torch.cat(feats), torch.cat(labels)
+
+
+def feature_cache_key(digest: str, data_cfg, split: str, subset: int, transform) -> str:
+    desc = json.dumps({"weights": digest, "dataset": data_cfg.name, "root": os.path.abspath(data_cfg.root or "."),
+                       "split": split, "subset": subset, "transform": repr(transform)}, sort_keys=True)
+    return hashlib.sha256(desc.encode()).hexdigest()[:24]
+
+
+def cached_features(backbone: nn.Module, digest: str, dataset, data_cfg, split: str, subset: int, accelerator,
+                    batch_size: int, use_cache: bool = True, cache_dir: str = "") -> Tuple[torch.Tensor, torch.Tensor, bool]:
+    """Features from the cache when the same weights, dataset, split, subset and transform were embedded before;
+    returns (features, labels, hit)."""
+    key = feature_cache_key(digest, data_cfg, split, subset, dataset.transform)
+    path = os.path.join(default_cache_dir(cache_dir), "features", f"{key}.pt")
+    if use_cache and os.path.isfile(path):
+        blob = torch.load(path, weights_only=True)
+        log.info("feature cache hit for %s %s (%s)", data_cfg.name, split, path)
+        return blob["features"], blob["labels"], True
+    feats, labels = extract_features(backbone, dataset, accelerator, batch_size, data_cfg.num_workers,
+                                     desc=f"{data_cfg.name} {split}")
+    if use_cache and accelerator.is_main_process:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.save({"features": feats, "labels": labels}, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    return feats, labels, False

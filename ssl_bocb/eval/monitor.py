@@ -1,0 +1,27 @@
+"""Online kNN monitor for pretraining: a kNN top-1 on a fixed labelled subset every N epochs, so the accuracy
+curve and its dips (MoCo v3 sec. 4) show while training runs."""
+import torch
+
+from ..data import build_dataset, eval_transform
+from .features import extract_features
+from .knn import knn_classify
+
+
+class KnnMonitor:
+    def __init__(self, cfg, accelerator):
+        m = cfg.monitor
+        self.k, self.t, self.accelerator = m.knn_k, m.knn_temperature, accelerator
+        self.batch = max(cfg.train.batch_size // accelerator.num_processes, 64)
+        tf = eval_transform(cfg.data)
+        self.train = build_dataset(cfg.data, cfg.data.train_split, tf, subset=m.knn_train_per_class)
+        self.test = build_dataset(cfg.data, cfg.data.test_split, tf, subset=m.knn_test_per_class)
+        self.workers = cfg.data.num_workers
+
+    @torch.no_grad()
+    def __call__(self, backbone) -> float:
+        was_training = backbone.training
+        ftr, ytr = extract_features(backbone, self.train, self.accelerator, self.batch, self.workers, "kNN bank")
+        fte, yte = extract_features(backbone, self.test, self.accelerator, self.batch, self.workers, "kNN queries")
+        backbone.train(was_training)
+        res = knn_classify(ftr, ytr, fte, yte, ks=[self.k], temperature=self.t, backend="torch")
+        return res[self.k]["top1"]

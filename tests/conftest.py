@@ -1,0 +1,31 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.environ.get("SSL_BOCB_TEST_DATA", os.path.join(os.path.dirname(REPO), "shared", "data"))
+
+# Tiny, fast pretraining settings on the synthetic dataset.
+TINY = ["data.name=fake", "data.num_workers=0", "model.hidden_dim=64", "model.out_dim=32", "train.batch_size=16",
+        "train.epochs=2", "train.warmup_epochs=1", "train.log_every=1", "optim.base_lr=1e-3"]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("SSL_BOCB_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture
+def shared_data():
+    if not os.path.isfile(os.path.join(SHARED_DATA, "cifar10-jpeg.tar.gz")):
+        pytest.fail(f"shared test data missing at {SHARED_DATA} (set SSL_BOCB_TEST_DATA)")
+    return SHARED_DATA
+
+
+def run_tool(tool, *args, env=None, timeout=600):
+    """Run tools/<tool>.py in a subprocess; returns CompletedProcess with text output."""
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    return subprocess.run([sys.executable, os.path.join(REPO, "tools", f"{tool}.py"), *args], capture_output=True,
+                          text=True, env=full_env, timeout=timeout, cwd=REPO)

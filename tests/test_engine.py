@@ -1,0 +1,147 @@
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import safetensors.torch
+import timm
+import torch
+
+from conftest import REPO, TINY, run_tool
+from ssl_bocb import config
+from ssl_bocb.engine import pretrain
+from ssl_bocb.engine.checkpoint import list_checkpoints
+from ssl_bocb.errors import UserError
+
+P = config.PretrainConfig
+
+
+def run(out, *extra):
+    return pretrain(config.load(P, [], TINY + [f"output_dir={out}", *extra]))
+
+
+def losses(run_dir):
+    with open(os.path.join(run_dir, "steps.jsonl")) as f:
+        return [json.loads(line)["loss"] for line in f]
+
+
+def digest(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def test_interrupted_then_resumed_run_reproduces_losses(tmp_path):
+    extra = ["data.num_workers=2", "model.backbone_kwargs={drop_path_rate: 0.2}", "train.save_every_steps=3"]
+    full = run(tmp_path / "full", *extra)
+    part = run(tmp_path / "part", *extra, "train.stop_at_step=5")  # mid-epoch 2 (4 steps per epoch)
+    assert len(losses(part)) == 5
+    assert not os.path.exists(os.path.join(part, "backbone.safetensors"))
+    run(tmp_path / "part", *extra, "resume=auto")
+    assert losses(part) == losses(full)  # bit-exact: same data order, augmentations, drop-path masks
+    a = safetensors.torch.load_file(os.path.join(full, "backbone.safetensors"))
+    b = safetensors.torch.load_file(os.path.join(part, "backbone.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_run_outputs(tmp_path):
+    out = run(tmp_path / "r")
+    for f in ("config.yaml", "log.jsonl", "steps.jsonl", "backbone.safetensors", "backbone.json", "train.log"):
+        assert os.path.isfile(os.path.join(out, f)), f
+    assert any(n.startswith("events.out.tfevents") for n in os.listdir(os.path.join(out, "tb")))
+    rows = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert {"loss", "lr", "wd", "momentum", "grad_norm", "images_per_s", "peak_mem_mb"} <= set(rows[0])
+    saved = config.load(P, [os.path.join(out, "config.yaml")])
+    assert saved.train.batch_size == 16
+    import yaml
+    derived = yaml.safe_load(open(os.path.join(out, "config.yaml")))["derived"]
+    assert derived["lr"] == pytest.approx(1e-3 * 16 / 256) and derived["steps_per_epoch"] == 4
+    spec = json.load(open(os.path.join(out, "backbone.json")))
+    m = timm.create_model(spec["timm_name"], num_classes=0, **spec["timm_kwargs"])
+    m.load_state_dict(safetensors.torch.load_file(os.path.join(out, "backbone.safetensors")))
+    assert len(list_checkpoints(out)) >= 1
+
+
+def test_existing_run_is_never_overwritten_unless_asked(tmp_path):
+    out = run(tmp_path / "r")
+    before = digest(os.path.join(out, "backbone.safetensors"))
+    with pytest.raises(UserError, match="already holds a run; pass resume=auto"):
+        run(tmp_path / "r")
+    # a failing resume (another model) leaves the earlier run as it was
+    with pytest.raises(UserError, match="belongs to another model.*model.out_dim"):
+        run(tmp_path / "r", "resume=auto", "model.out_dim=16")
+    assert digest(os.path.join(out, "backbone.safetensors")) == before
+    run(tmp_path / "r", "overwrite=true", "seed=1")
+    moved = [d for d in os.listdir(tmp_path) if d.startswith("r.old-")]
+    assert len(moved) == 1
+    assert digest(os.path.join(tmp_path, moved[0], "backbone.safetensors")) == before
+
+
+def test_resume_path_errors(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        run(tmp_path / "x", f"resume={tmp_path / 'nowhere'}")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no complete checkpoint"):
+        run(tmp_path / "x", f"resume={tmp_path / 'empty'}")
+
+
+def test_bf16_mixed_precision_runs_on_cpu(tmp_path):
+    out = run(tmp_path / "bf16", "train.mixed_precision=bf16", "train.epochs=1")
+    assert all(torch.isfinite(torch.tensor(losses(out))))
+
+
+def test_vit_pretraining_with_frozen_patch_projection(tmp_path):
+    out = run(tmp_path / "vit", "model.backbone=vit_tiny_patch16_224", "model.backbone_kwargs={img_size: 32, patch_size: 8}",
+              "model.frozen_patch_embed=true", "train.epochs=1")
+    w = safetensors.torch.load_file(os.path.join(out, "backbone.safetensors"))
+    assert "patch_embed.proj.weight" in w and "pos_embed" in w
+
+
+@pytest.mark.parametrize("args,message", [
+    (["optim.wieght_decay=0.1"], "did you mean 'optim.weight_decay'"),
+    (["train.epochs=many"], "'train.epochs' in the command line expects int"),
+    (["model.backbone=resnet18x"], "unknown backbone 'resnet18x'"),
+    (["optim.name=adamx"], "unknown optimizer 'adamx'"),
+    (["optim.base_lr=-1"], "optim.base_lr must be > 0"),
+    (["train.epochs=0"], "train.epochs must be > 0"),
+    (["data.name=cifar10", "data.root=/nonexistent/data"], "cifar10 train data not found"),
+    (["--config", "/nonexistent.yaml"], "does not exist"),
+])
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path, args, message):
+    proc = run_tool("pretrain", *TINY, f"output_dir={tmp_path / 'o'}", *args)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert not os.path.exists(tmp_path / "o")  # nothing written
+
+
+def _launch2(*args):
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           os.path.join(REPO, "tools", "pretrain.py"), *TINY, *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+
+
+def test_two_process_run_with_accelerate_launch(tmp_path):
+    proc = _launch2(f"output_dir={tmp_path / 'ddp'}", "train.epochs=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import yaml
+    derived = yaml.safe_load(open(tmp_path / "ddp" / "config.yaml"))["derived"]
+    assert derived["world_size"] == 2 and derived["per_device_batch"] == 8
+    assert os.path.isfile(tmp_path / "ddp" / "backbone.safetensors")
+    bad = _launch2(f"output_dir={tmp_path / 'bad'}", "train.batch_size=15")
+    assert bad.returncode != 0
+    assert "error: train.batch_size=15 does not divide by the 2 processes" in bad.stderr
+
+
+def test_real_cifar10_smoke_loss_goes_down(tmp_path, shared_data):
+    out = pretrain(config.load(P, [], [
+        "data.name=cifar10", f"data.root={shared_data}", "data.subset=50", "data.num_workers=1",
+        "model.hidden_dim=256", "train.batch_size=64", "train.epochs=5", "train.warmup_epochs=1",
+        "optim.name=lars", "optim.base_lr=0.3", "optim.trust_coefficient=0.02", "optim.trust_clip=true",
+        "optim.weight_decay=1e-6", f"output_dir={tmp_path / 'c10'}"]))
+    rows = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    assert len(rows) == 5
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.05, [r["loss"] for r in rows]
