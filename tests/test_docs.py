@@ -1,0 +1,28 @@
+"""The README stays true: CI runs its test command, and every config key is documented."""
+import os
+import re
+
+from conftest import REPO
+from ssl_bocb import config
+
+
+def readme():
+    return open(os.path.join(REPO, "README.md")).read()
+
+
+def quickstart_commands():
+    return re.findall(r"```bash\n(python3 -m venv .venv[^\n]*)\n```", readme())
+
+
+def test_ci_runs_the_readme_test_command():
+    cmds = quickstart_commands()
+    assert len(cmds) == 2
+    ci = open(os.path.join(REPO, ".ci", "run")).read()
+    assert cmds[1] in ci.splitlines()
+
+
+def test_every_config_key_is_in_the_readme():
+    text = readme()
+    keys = list(config.schema_keys(config.PretrainConfig))
+    missing = [k for k in keys if f"`{k}`" not in text]
+    assert not missing, missing
