@@ -188,6 +188,87 @@ class PretrainConfig:
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
 
+@dataclass
+class KnnConfig:
+    # Neighbours for the headline number and temperature of the exp(sim / T) vote (DINO: k=20, T=0.07).
+    k: int = 20
+    temperature: float = 0.07
+    # Every k reported in the table (DINO reports 10, 20, 100, 200).
+    ks: List[int] = field(default_factory=lambda: [10, 20, 100, 200])
+    # auto (faiss when installed, on the GPU when possible) | faiss | torch (chunked matmul).
+    backend: str = "auto"
+    # Test rows per matmul chunk of the torch backend.
+    chunk_size: int = 1024
+
+
+@dataclass
+class LinearConfig:
+    # cached: train the head on cached features (fast, no augmentation; default for sweeps) | full: the MoCo v3
+    # protocol with RandomResizedCrop + flip through the frozen backbone.
+    mode: str = "cached"
+    # MoCo v3: 90 epochs, batch 1024, SGD momentum 0.9, wd 0, cosine per epoch, no warmup.
+    epochs: int = 90
+    batch_size: int = 1024
+    # lr per 256 images; null = 0.1 for CNNs, 3.0 for ViTs (MoCo v3), scaled by batch / 256.
+    base_lr: Optional[float] = None
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+
+
+def _finetune_optim() -> OptimConfig:
+    return OptimConfig(name="adamw", base_lr=5e-4, weight_decay=0.05)
+
+
+@dataclass
+class FinetuneConfig:
+    epochs: int = 100
+    warmup_epochs: float = 5.0
+    batch_size: int = 128
+    # The fine-tune optimizer (any registry name: it is a BOCB axis too). Default AdamW 5e-4 / wd 0.05 (DeiT).
+    optim: OptimConfig = field(default_factory=_finetune_optim)
+    # ViT layer-wise lr decay (BEiT / MAE); 1.0 = off. Ignored for CNNs.
+    layer_decay: float = 0.75
+    # Stochastic depth rate passed to timm (drop_path_rate).
+    drop_path: float = 0.1
+    label_smoothing: float = 0.1
+    # timm Mixup / CutMix alphas and the probability to apply one of them per batch; 0 = off.
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    mixup_prob: float = 1.0
+    # timm auto-augment policy string, e.g. rand-m9-mstd0.5-inc1 (RandAugment); "" = off.
+    randaugment: str = "rand-m9-mstd0.5-inc1"
+    # Keep an exponential moving average of the weights and report it too; 0 = off (e.g. 0.9999).
+    ema_decay: float = 0.0
+    # Checkpoint every N epochs (and at the end); resume as in pretraining.
+    save_every: int = 1
+    resume: str = ""
+
+
+@dataclass
+class EvalConfig:
+    # Pretraining run folder, checkpoint folder or backbone.safetensors; "" = model.backbone at random init.
+    checkpoint: str = ""
+    # Where results go; "" = the checkpoint's run folder (runs/random-<backbone> without a checkpoint).
+    output_dir: str = ""
+    # Replace an existing result (the old file is kept as <name>.old-<time>).
+    overwrite: bool = False
+    seed: int = 0
+    # Images per class taken from the test split; 0 = all (data.subset applies to the train split).
+    test_subset: int = 0
+    # Batch size of feature extraction, per process.
+    batch_size: int = 256
+    # Reuse features cached under data.cache_dir for the same weights, data, split and transform.
+    cache_features: bool = True
+    mixed_precision: str = "no"
+    cpu: bool = False
+    data: DataConfig = field(default_factory=DataConfig)
+    # Used only without a checkpoint (the random-init baseline) and for fine-tuning from scratch.
+    model: ModelConfig = field(default_factory=ModelConfig)
+    knn: KnnConfig = field(default_factory=KnnConfig)
+    linear: LinearConfig = field(default_factory=LinearConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+
 # Allowed values of string keys, checked by validate().
 CHOICES = {
     "data.name": DATASETS,
@@ -196,16 +277,25 @@ CHOICES = {
     "optim.lr_scaling": ("linear", "sqrt", "none"),
     "optim.param_groups": ("exclude_norm_bias", "decay_all"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
+    "mixed_precision": ("no", "bf16", "fp16"),
+    "knn.backend": ("auto", "faiss", "torch"),
+    "linear.mode": ("cached", "full"),
+    "finetune.optim.lr_scaling": ("linear", "sqrt", "none"),
+    "finetune.optim.param_groups": ("exclude_norm_bias", "decay_all"),
 }
 # Keys that must be > 0 and >= 0.
 POSITIVE = ("train.epochs", "train.batch_size", "optim.base_lr", "moco.temperature", "data.image_size",
-            "model.hidden_dim", "model.out_dim")
+            "model.hidden_dim", "model.out_dim", "batch_size", "knn.k", "knn.temperature", "linear.epochs",
+            "linear.batch_size", "linear.base_lr", "finetune.epochs", "finetune.batch_size", "finetune.optim.base_lr",
+            "finetune.layer_decay")
 NON_NEGATIVE = ("optim.weight_decay", "train.warmup_epochs", "data.subset", "data.num_workers",
                 "train.save_every", "train.save_every_steps", "optim.grad_clip", "train.stop_at_step",
-                "monitor.knn_every")
+                "monitor.knn_every", "test_subset", "linear.weight_decay", "finetune.warmup_epochs",
+                "finetune.optim.weight_decay", "finetune.drop_path", "finetune.label_smoothing", "finetune.mixup",
+                "finetune.cutmix", "finetune.mixup_prob", "finetune.ema_decay")
 
 # Free-form mappings inside the schema (any key allowed).
-OPEN_KEYS = ("model.backbone_kwargs", "optim.kwargs", "finetune.optim_kwargs")
+OPEN_KEYS = ("model.backbone_kwargs", "optim.kwargs", "finetune.optim.kwargs")
 
 # Top-level keys written beside the config in saved run files; ignored when a saved config is loaded again.
 SAVED_EXTRAS = ("derived",)
@@ -322,8 +412,10 @@ def validate(cfg: DictConfig) -> None:
         value = _get(cfg, key)
         if value is not None and value < 0:
             raise UserError(f"{key} must be >= 0, got {value}")
-    if "optim" in cfg and len(cfg.optim.betas) != 2:
-        raise UserError(f"optim.betas must hold two numbers, got {list(cfg.optim.betas)}")
+    for key in ("optim.betas", "finetune.optim.betas"):
+        betas = _get(cfg, key)
+        if betas is not None and len(betas) != 2:
+            raise UserError(f"{key} must hold two numbers, got {list(betas)}")
 
 
 def scaled_lr(base_lr: float, global_batch: int, rule: str) -> float:

@@ -42,6 +42,7 @@ def setup_logging(is_main: bool, log_file: str = None) -> None:
     root = logging.getLogger()
     root.setLevel(logging.INFO if is_main else logging.WARNING)
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint messages
+    logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader's messages
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
     if not any(getattr(h, "_ssl_bocb", False) for h in root.handlers):
         h = logging.StreamHandler(sys.stdout)
@@ -66,11 +67,7 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def read_jsonl(path: str) -> List[Dict]:
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+from ..analysis.plots import read_jsonl  # noqa: E402  (one reader for the whole package)
 
 
 def append_jsonl(path: str, row: Dict) -> None:

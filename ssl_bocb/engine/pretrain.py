@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .. import config as config_mod
+from ..analysis.plots import training_curves
 from ..data import build_dataset, pretrain_transform
 from ..errors import UserError
 from ..losses import contrastive_loss
@@ -255,6 +256,8 @@ def pretrain(cfg: DictConfig, name: str = "run") -> str:
     elif accelerator.is_main_process:
         export_backbone(unwrapped.backbone, run_dir, extra=dict(pretrain_step=step))
         log.info("exported %s", os.path.join(run_dir, "backbone.safetensors"))
+    if accelerator.is_main_process:
+        log.info("curves: %s", training_curves(run_dir))
     accelerator.wait_for_everyone()
     tb.close()
     accelerator.end_training()

@@ -20,6 +20,12 @@ def faiss_available() -> bool:
         return False
 
 
+def resolve_backend(backend: str) -> str:
+    if backend == "auto":
+        return "faiss" if faiss_available() else "torch"
+    return backend
+
+
 def topk_torch(train: torch.Tensor, test: torch.Tensor, k: int, chunk_size: int = 1024) -> Tuple[torch.Tensor, torch.Tensor]:
     """Cosine top-k of each test row among train rows (both already normalised): sims, indices [N_test, k]."""
     sims, idx = [], []
@@ -64,8 +70,7 @@ def knn_classify(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
     test = F.normalize(test_feats.float(), dim=1)
     ks = sorted({int(k) for k in ks})
     kmax = min(ks[-1], train.shape[0])
-    if backend == "auto":
-        backend = "faiss" if faiss_available() else "torch"
+    backend = resolve_backend(backend)
     if backend == "faiss":
         if not faiss_available():
             raise UserError("knn.backend=faiss but faiss is not installed; pip install faiss-cpu, or knn.backend=torch")

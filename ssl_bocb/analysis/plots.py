@@ -1,0 +1,52 @@
+"""PNG figures of what people would rather look at than read."""
+import json
+import os
+
+
+def read_jsonl(path: str):
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def training_curves(run_dir: str, out_png: str = None) -> str:
+    """Loss, lr / momentum, gradient norm per step and kNN monitor / test accuracy per epoch -> curves.png."""
+    steps = read_jsonl(os.path.join(run_dir, "steps.jsonl"))
+    epochs = read_jsonl(os.path.join(run_dir, "log.jsonl"))
+    if not steps and not epochs:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
+    src = steps or epochs
+    x = [r["step"] for r in src]
+    axes[0].plot(x, [r["loss"] for r in src], lw=1)
+    axes[0].set(title="loss", xlabel="step")
+    axes[1].plot(x, [r["lr"] for r in src], label="lr")
+    axes[1].set(title="learning rate", xlabel="step")
+    if "momentum" in src[0]:
+        ax = axes[1].twinx()
+        ax.plot(x, [r["momentum"] for r in src], color="tab:orange", label="EMA momentum")
+        ax.set_ylabel("EMA momentum", color="tab:orange")
+    if "grad_norm" in src[0]:
+        axes[2].plot(x, [r["grad_norm"] for r in src], lw=1, color="tab:red")
+        axes[2].set_yscale("log")
+    axes[2].set(title="gradient norm", xlabel="step")
+    acc_key = "knn_top1" if any("knn_top1" in r for r in epochs) else "top1"
+    pts = [(r["epoch"], r[acc_key]) for r in epochs if acc_key in r]
+    if pts:
+        axes[3].plot(*zip(*pts), marker="o")
+    axes[3].set(title="kNN monitor top-1 (%)" if acc_key == "knn_top1" else "test top-1 (%)", xlabel="epoch")
+    fig.suptitle(os.path.basename(os.path.abspath(run_dir)))
+    fig.tight_layout()
+    out_png = out_png or os.path.join(run_dir, "curves.png")
+    fig.savefig(out_png, dpi=90)
+    plt.close(fig)
+    return out_png

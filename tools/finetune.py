@@ -1,0 +1,26 @@
+#!/usr/bin/env python
+"""Fine-tune a pretrained (or random-init) backbone on a downstream dataset.
+
+    python tools/finetune.py --config configs/eval/imagenette64.yaml checkpoint=runs/quickstart-<time>
+    accelerate launch tools/finetune.py --config configs/eval/imagenette64.yaml checkpoint=<run> \
+        finetune.optim.name=lars finetune.optim.base_lr=0.1
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ssl_bocb import config  # noqa: E402
+from ssl_bocb.cli import parse_args  # noqa: E402
+from ssl_bocb.errors import cli_main  # noqa: E402
+from ssl_bocb.eval.finetune import run_finetune  # noqa: E402
+
+
+@cli_main
+def main(argv=None):
+    files, overrides, _ = parse_args("Fine-tune a backbone on a labelled downstream dataset", argv)
+    run_finetune(config.load(config.EvalConfig, files, overrides))
+
+
+if __name__ == "__main__":
+    main()
