@@ -235,8 +235,8 @@ class FinetuneConfig:
     mixup: float = 0.8
     cutmix: float = 1.0
     mixup_prob: float = 1.0
-    # timm auto-augment policy string, e.g. rand-m9-mstd0.5-inc1 (RandAugment); "" = off.
-    randaugment: str = "rand-m9-mstd0.5-inc1"
+    # timm auto-augment policy string, e.g. rand-m9-mstd0.5-inc1 (RandAugment); empty or null = off.
+    randaugment: Optional[str] = "rand-m9-mstd0.5-inc1"
     # Keep an exponential moving average of the weights and report it too; 0 = off (e.g. 0.9999).
     ema_decay: float = 0.0
     # Checkpoint every N epochs (and at the end); resume as in pretraining.
@@ -386,8 +386,21 @@ def load(schema, files: List[str] = (), overrides: List[str] = ()) -> DictConfig
     except OmegaConfBaseException as e:
         raise UserError(f"cannot parse overrides {list(overrides)}: {str(e).splitlines()[0]}") from None
     cfg = _open(_merge(cfg, dot, "the command line", schema))
+    _normalise(cfg)
     validate(cfg)
     return cfg
+
+
+# YAML reads a bare `no` as false, so `train.mixed_precision=no` arrives as the string 'False'.
+_PRECISION_ALIASES = {"False": "no", "false": "no", "none": "no", "fp32": "no"}
+
+
+def _normalise(cfg: DictConfig) -> None:
+    for key in ("train.mixed_precision", "mixed_precision"):
+        value = _get(cfg, key)
+        if value in _PRECISION_ALIASES:
+            node, leaf = (cfg.train, "mixed_precision") if key.startswith("train.") else (cfg, "mixed_precision")
+            node[leaf] = _PRECISION_ALIASES[value]
 
 
 def _get(cfg, key):

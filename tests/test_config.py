@@ -78,3 +78,9 @@ def test_published_recipes_follow_the_paper():
     rn = config.load(P, [os.path.join(REPO, "configs/imagenet_resnet50_lars.yaml")])
     assert (rn.optim.name, rn.optim.base_lr, rn.optim.weight_decay, rn.optim.momentum, rn.train.warmup_epochs,
             rn.moco.temperature, rn.data.crop_min) == ("lars", 0.6, 1e-6, 0.9, 10, 1.0, 0.2)
+
+
+def test_mixed_precision_no_survives_yaml_booleans():
+    assert config.load(P, [], ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    assert config.load(config.EvalConfig, [], ["mixed_precision=no"]).mixed_precision == "no"
+    assert config.load(P, [], ["train.mixed_precision=bf16"]).train.mixed_precision == "bf16"

@@ -26,3 +26,12 @@ def test_every_config_key_is_in_the_readme():
     keys = list(config.schema_keys(config.PretrainConfig))
     missing = [k for k in keys if f"`{k}`" not in text]
     assert not missing, missing
+
+
+def test_every_eval_key_is_in_the_readme():
+    text = readme()
+    keys = [k for k in config.schema_keys(config.EvalConfig)
+            if not k.startswith(("data.", "model.", "finetune.optim."))]
+    missing = [k for k in keys if f"`{k}`" not in text]
+    assert not missing, missing
+    assert "`finetune.optim.*`" in text

@@ -22,10 +22,10 @@ def holds_run(path: str) -> bool:
     return os.path.isdir(path) and any(os.path.exists(os.path.join(path, f)) for f in RUN_FILES)
 
 
-def check_run_dir(path: str, resuming: bool, overwrite: bool) -> None:
+def check_run_dir(path: str, resuming: bool, overwrite: bool, resume_key: str = "resume") -> None:
     """Refuse to write into a folder that holds another run, unless resuming it or asked to overwrite."""
     if holds_run(path) and not resuming and not overwrite:
-        raise UserError(f"output_dir '{path}' already holds a run; pass resume=auto to continue it, overwrite=true "
+        raise UserError(f"output_dir '{path}' already holds a run; pass {resume_key}=auto to continue it, overwrite=true "
                         f"to move it aside (to {os.path.basename(path)}.old-<time>), or choose another output_dir")
 
 

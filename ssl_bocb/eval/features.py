@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..data import data_root
 from ..data.archive import default_cache_dir
 from ..engine import checkpoint as ckpt
 from ..errors import UserError
@@ -108,9 +109,11 @@ def extract_features(backbone: nn.Module, dataset, accelerator, batch_size: int 
     return torch.cat(feats), torch.cat(labels)
 
 
-def feature_cache_key(digest: str, data_cfg, split: str, subset: int, transform) -> str:
-    desc = json.dumps({"weights": digest, "dataset": data_cfg.name, "root": os.path.abspath(data_cfg.root or "."),
-                       "split": split, "subset": subset, "transform": repr(transform)}, sort_keys=True)
+def feature_cache_key(digest: str, data_cfg, split: str, subset: int, transform, precision: str = "no") -> str:
+    """Features are reused only for the same weights, data, split, subset, transform and precision."""
+    desc = json.dumps({"weights": digest, "dataset": data_cfg.name, "root": os.path.abspath(data_root(data_cfg.root)),
+                       "split": split, "subset": subset, "transform": repr(transform), "precision": precision},
+                      sort_keys=True)
     return hashlib.sha256(desc.encode()).hexdigest()[:24]
 
 
@@ -118,7 +121,7 @@ def cached_features(backbone: nn.Module, digest: str, dataset, data_cfg, split: 
                     batch_size: int, use_cache: bool = True, cache_dir: str = "") -> Tuple[torch.Tensor, torch.Tensor, bool]:
     """Features from the cache when the same weights, dataset, split, subset and transform were embedded before;
     returns (features, labels, hit)."""
-    key = feature_cache_key(digest, data_cfg, split, subset, dataset.transform)
+    key = feature_cache_key(digest, data_cfg, split, subset, dataset.transform, str(accelerator.mixed_precision))
     path = os.path.join(default_cache_dir(cache_dir), "features", f"{key}.pt")
     if use_cache and os.path.isfile(path):
         blob = torch.load(path, weights_only=True)

@@ -101,7 +101,7 @@ def run_finetune(cfg) -> Dict:
     resuming = resume_path is not None
     if not resuming:
         check_writable(metrics_path, cfg.overwrite)
-    logs.check_run_dir(out_dir, resuming, cfg.overwrite)
+    logs.check_run_dir(out_dir, resuming, cfg.overwrite, resume_key="finetune.resume")
     accelerator = make_accelerator(cfg, seed=cfg.seed)
     logs.setup_logging(accelerator.is_main_process)
     set_seed(cfg.seed)
