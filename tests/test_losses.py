@@ -1,11 +1,9 @@
 import math
 import os
-import tempfile
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 
 from ssl_bocb import dist
 from ssl_bocb.losses import contrastive_loss, symmetric_loss

@@ -5,10 +5,11 @@ import os
 import resource
 import sys
 import time
-from typing import Dict, List
+from typing import Dict
 
 import torch
 
+from ..analysis.plots import read_jsonl  # noqa: F401  (re-exported: one JSON-lines reader for the package)
 from ..errors import UserError
 
 RUN_FILES = ("config.yaml", "checkpoints", "log.jsonl", "backbone.safetensors")
@@ -67,7 +68,6 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-from ..analysis.plots import read_jsonl  # noqa: E402  (one reader for the whole package)
 
 
 def append_jsonl(path: str, row: Dict) -> None:

@@ -3,7 +3,7 @@ import hashlib
 import json
 import logging
 import os
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import safetensors.torch
 import torch

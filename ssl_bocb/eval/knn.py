@@ -14,7 +14,7 @@ from ..errors import UserError
 
 def faiss_available() -> bool:
     try:
-        import faiss  # noqa: F401
+        import faiss  # noqa: F401  (only whether it imports)
         return True
     except ImportError:
         return False
