@@ -123,3 +123,52 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path):
     assert total_skipped == 1
     x, y, skipped = ds[1]
     assert skipped == 1 and x.shape == (3, 16, 16)
+
+
+def _write_pickle(path, obj):
+    import pickle
+    with open(path, "wb") as f:
+        pickle.dump(obj, f)
+
+
+def test_native_cifar10_and_cifar100_files(tmp_path):
+    import numpy as np
+    rng = np.random.default_rng(0)
+    c10 = tmp_path / "cifar-10-batches-py"
+    c10.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        _write_pickle(c10 / name, {"data": rng.integers(0, 255, (4, 3072), dtype=np.uint8), "labels": [0, 1, 2, 3]})
+    _write_pickle(c10 / "batches.meta", {"label_names": ["a", "b", "c", "d"]})
+    cfg = data_cfg("data.name=cifar10", f"data.root={tmp_path}", "data.subset=1")
+    ds = build_dataset(cfg, "train", eval_transform(cfg))
+    assert len(ds) == 4 and ds.classes == ["a", "b", "c", "d"] and ds[0][0].shape == (3, 32, 32)
+    assert len(build_dataset(cfg, "test", eval_transform(cfg), subset=0)) == 4
+    c100 = tmp_path / "cifar-100-python"
+    c100.mkdir()
+    for name in ("train", "test"):
+        _write_pickle(c100 / name, {"data": rng.integers(0, 255, (6, 3072), dtype=np.uint8),
+                                    "fine_labels": [0, 1, 2, 0, 1, 2], "coarse_labels": [0] * 6})
+    _write_pickle(c100 / "meta", {"fine_label_names": ["x", "y", "z"]})
+    cfg = data_cfg("data.name=cifar100", f"data.root={tmp_path}")
+    assert len(build_dataset(cfg, "train", eval_transform(cfg))) == 6
+    (c100 / "meta").write_bytes(b"garbage")
+    with pytest.raises(UserError, match="cifar100 files under .* are unreadable"):
+        build_dataset(cfg, "train", eval_transform(cfg))
+
+
+def test_native_stl10_files(tmp_path):
+    import numpy as np
+    rng = np.random.default_rng(0)
+    d = tmp_path / "stl10_binary"
+    d.mkdir()
+    for split, n in (("train", 4), ("test", 2)):
+        rng.integers(0, 255, (n, 3, 96, 96), dtype=np.uint8).tofile(d / f"{split}_X.bin")
+        np.array([1, 2] * (n // 2), dtype=np.uint8).tofile(d / f"{split}_y.bin")
+    rng.integers(0, 255, (3, 3, 96, 96), dtype=np.uint8).tofile(d / "unlabeled_X.bin")
+    (d / "class_names.txt").write_text("airplane\nbird\n")
+    cfg = data_cfg("data.name=stl10", f"data.root={tmp_path}", "data.image_size=96")
+    train = build_dataset(cfg, "train", eval_transform(cfg))
+    assert len(train) == 4 and sorted(set(train.targets)) == [0, 1] and train.classes == ["airplane", "bird"]
+    both = build_dataset(cfg, "train+unlabeled", eval_transform(cfg))
+    assert len(both) == 7 and both.targets.count(-1) == 3
+    assert build_dataset(cfg, "test", eval_transform(cfg))[0][0].shape == (3, 96, 96)
