@@ -174,9 +174,7 @@ def pretrain(cfg: DictConfig, name: str = "run") -> str:
                 lr_t = schedules.warmup_cosine(step, total_steps, warmup_steps, lr, lr * cfg.optim.min_lr_ratio)
                 wd_t = schedules.cosine(step, total_steps, cfg.optim.weight_decay, wd_end)
                 m_t = schedules.momentum(step, total_steps, cfg.moco.momentum, cfg.moco.momentum_schedule)
-                for g in optimizer.param_groups:
-                    g["lr"] = lr_t
-                    g["weight_decay"] = wd_t * g.get("wd_scale", 1.0)
+                schedules.set_group_values(optimizer, lr_t, wd_t)
                 unwrapped.update_momentum(m_t)  # EMA first, then the keys (MoCo v3 Alg. 1)
                 with accelerator.autocast():
                     q1, q2 = model(x1, x2)

@@ -31,7 +31,7 @@ from ..errors import UserError
 from ..models import create_backbone
 from ..optim import build_optimizer, group_summary, param_groups, schedules
 from .features import load_eval_backbone
-from .linear import topk_accuracy
+from .linear import evaluate
 from .metrics import check_writable, result_path, write_metrics
 from .stages import output_folder
 
@@ -76,20 +76,6 @@ def finetune_param_groups(model, optim_cfg, layer_decay: float, family: str):
     for g in groups:
         g["lr_scale"] = 1.0
     return groups
-
-
-@torch.no_grad()
-def evaluate(model, loader, accelerator) -> Dict[str, float]:
-    model.eval()
-    logits, labels = [], []
-    for x, y, _ in loader:
-        with accelerator.autocast():
-            out = model(x)
-        out, y = accelerator.gather_for_metrics((out.float(), y))
-        logits.append(out.cpu())
-        labels.append(y.cpu())
-    top1, top5 = topk_accuracy(torch.cat(logits), torch.cat(labels))
-    return {"top1": top1, "top5": top5}
 
 
 def run_finetune(cfg) -> Dict:
@@ -186,9 +172,7 @@ def run_finetune(cfg) -> Dict:
         for x, y, _ in batches:
             lr_t = schedules.warmup_cosine(step, total, warmup, lr, lr * oc.min_lr_ratio)
             wd_t = schedules.cosine(step, total, oc.weight_decay, wd_end)
-            for g in optimizer.param_groups:
-                g["lr"] = lr_t * g.get("lr_scale", 1.0)
-                g["weight_decay"] = wd_t * g.get("wd_scale", 1.0)
+            schedules.set_group_values(optimizer, lr_t, wd_t)
             with accelerator.autocast():
                 if mixup is not None:
                     x, y_soft = mixup(x, y)

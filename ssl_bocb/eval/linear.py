@@ -38,6 +38,23 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> Tuple[float, fl
     return 100.0 * correct[:, 0].float().mean().item(), 100.0 * correct.any(dim=1).float().mean().item()
 
 
+@torch.no_grad()
+def evaluate(model, loader, accelerator) -> Dict[str, float]:
+    """Top-1 / top-5 (in %) of ``model`` (a module, put in eval mode, or any callable) over a prepared loader of
+    (x, label, n_skipped) batches, gathered over processes without the padding of the last batch."""
+    if isinstance(model, nn.Module):
+        model.eval()
+    logits, labels = [], []
+    for x, y, _ in loader:
+        with accelerator.autocast():
+            out = model(x)
+        out, y = accelerator.gather_for_metrics((out.float(), y))
+        logits.append(out.cpu())
+        labels.append(y.cpu())
+    top1, top5 = topk_accuracy(torch.cat(logits), torch.cat(labels))
+    return {"top1": top1, "top5": top5}
+
+
 def train_linear_cached(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, test_y: torch.Tensor,
                         num_classes: int, epochs: int = 90, batch_size: int = 1024, base_lr: float = 0.1,
                         momentum: float = 0.9, weight_decay: float = 0.0, seed: int = 0,
@@ -102,15 +119,8 @@ def linear_probe_full(backbone: nn.Module, train_ds, test_ds, accelerator, num_c
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}", refresh=False)
     bar.close()
     head.eval()
-    logits, labels = [], []
-    with torch.no_grad():
-        for x, y, _ in test_loader:
-            with accelerator.autocast():
-                out = head(backbone(x).float())
-            out, y = accelerator.gather_for_metrics((out.float(), y))
-            logits.append(out.cpu())
-            labels.append(y.cpu())
-    top1, top5 = topk_accuracy(torch.cat(logits), torch.cat(labels))
+    res = evaluate(lambda x: head(backbone(x).float()), test_loader, accelerator)
+    top1, top5 = res["top1"], res["top5"]
     unchanged = weights_digest(backbone) == before
     if not unchanged:
         raise RuntimeError("the backbone's weights changed during the linear probe; this is a bug, please report it")

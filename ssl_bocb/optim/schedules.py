@@ -22,3 +22,11 @@ def momentum(step: int, total_steps: int, m0: float, schedule: str = "cosine") -
     if schedule == "constant":
         return m0
     return cosine(step, total_steps, m0, 1.0)
+
+
+def set_group_values(optimizer, lr: float, weight_decay: float) -> None:
+    """Write this step's lr and weight decay into every parameter group, scaled by the group's ``lr_scale``
+    (layer-wise lr decay) and ``wd_scale`` (0 for groups excluded from decay)."""
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
+        g["weight_decay"] = weight_decay * g.get("wd_scale", 1.0)
