@@ -66,12 +66,16 @@ def test_run_outputs(tmp_path):
 def test_existing_run_is_never_overwritten_unless_asked(tmp_path):
     out = run(tmp_path / "r")
     before = digest(os.path.join(out, "backbone.safetensors"))
+    config_before = digest(os.path.join(out, "config.yaml"))
     with pytest.raises(UserError, match="already holds a run; pass resume=auto"):
         run(tmp_path / "r")
     # a failing resume (another model) leaves the earlier run as it was
     with pytest.raises(UserError, match="belongs to another model.*model.out_dim"):
         run(tmp_path / "r", "resume=auto", "model.out_dim=16")
+    with pytest.raises(UserError, match="cannot load checkpoint"):  # same model, other optimizer state layout
+        run(tmp_path / "r", "resume=auto", "optim.name=sgd")
     assert digest(os.path.join(out, "backbone.safetensors")) == before
+    assert digest(os.path.join(out, "config.yaml")) == config_before
     run(tmp_path / "r", "overwrite=true", "seed=1")
     moved = [d for d in os.listdir(tmp_path) if d.startswith("r.old-")]
     assert len(moved) == 1

@@ -113,6 +113,15 @@ def pretrain(cfg: DictConfig, name: str = "run") -> str:
                    param_groups=[dict(name=n, tensors=t, params=p, weight_decay=w) for n, t, p, w in groups],
                    backbone=unwrapped.backbone.ssl_bocb_spec)
 
+    monitor = None
+    if cfg.monitor.knn_every > 0:
+        from ..eval.monitor import KnnMonitor
+        monitor = KnnMonitor(cfg, accelerator)
+    step = 0
+    if resume_path:
+        meta = ckpt.load_checkpoint(accelerator, resume_path)
+        step = meta["step"]
+
     # nothing is written before this point: bad input fails without touching any folder
     if accelerator.is_main_process:
         logs.claim_run_dir(run_dir, resuming, cfg.overwrite)
@@ -131,21 +140,14 @@ def pretrain(cfg: DictConfig, name: str = "run") -> str:
     for n, t, p, w in groups:
         log.info("param group %-9s %4d tensors %11d params weight_decay %g", n, t, p, w)
     log.info("%d steps per epoch, %d total, %d warmup", steps_per_epoch, total_steps, warmup_steps)
-
-    step = 0
     if resume_path:
-        meta = ckpt.load_checkpoint(accelerator, resume_path)
-        step = meta["step"]
         log.info("resumed from %s at step %d (epoch %d)", resume_path, step, step // steps_per_epoch)
+
     if accelerator.is_main_process:
         for f in ("log.jsonl", "steps.jsonl"):
             logs.truncate_jsonl(os.path.join(run_dir, f), step)
     tb = _TensorBoard(run_dir, accelerator.is_main_process)
 
-    monitor = None
-    if cfg.monitor.knn_every > 0:
-        from ..eval.monitor import KnnMonitor
-        monitor = KnnMonitor(cfg, accelerator)
 
     def meta_now(epoch_done):
         return dict(step=step, epoch=step // steps_per_epoch, epochs_done=epoch_done, steps_per_epoch=steps_per_epoch,

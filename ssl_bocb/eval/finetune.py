@@ -138,6 +138,9 @@ def run_finetune(cfg) -> Dict:
                    total_steps=total, warmup_steps=warmup, num_classes=num_classes, train_images=len(train_ds),
                    test_images=len(test_ds), source=info,
                    param_groups=[dict(name=n, tensors=t, params=p, weight_decay=w) for n, t, p, w in summary])
+    step = 0
+    if resume_path:  # before anything is written: a checkpoint that does not fit fails cleanly
+        step = ckpt.load_checkpoint(accelerator, resume_path)["step"]
     if accelerator.is_main_process:
         logs.claim_run_dir(out_dir, resuming, cfg.overwrite)
         save_config(cfg, os.path.join(out_dir, "config.yaml"), derived)
@@ -148,10 +151,7 @@ def run_finetune(cfg) -> Dict:
     log.info("optimizer %s lr %g (base %g), wd %g, %d epochs (%d warmup steps), layer decay %s", oc.name, lr,
              oc.base_lr, oc.weight_decay, fc.epochs, warmup, fc.layer_decay if family == "vit" else "off (CNN)")
 
-    step = 0
     if resume_path:
-        meta = ckpt.load_checkpoint(accelerator, resume_path)
-        step = meta["step"]
         log.info("resumed from %s at step %d", resume_path, step)
     if accelerator.is_main_process:
         logs.truncate_jsonl(os.path.join(out_dir, "log.jsonl"), step)
