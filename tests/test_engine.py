@@ -72,8 +72,8 @@ def test_existing_run_is_never_overwritten_unless_asked(tmp_path):
     # a failing resume (another model) leaves the earlier run as it was
     with pytest.raises(UserError, match="belongs to another model.*model.out_dim"):
         run(tmp_path / "r", "resume=auto", "model.out_dim=16")
-    with pytest.raises(UserError, match="cannot load checkpoint"):  # same model, other optimizer state layout
-        run(tmp_path / "r", "resume=auto", "optim.name=sgd")
+    with pytest.raises(UserError, match="cannot load checkpoint"):  # same model, other parameter groups
+        run(tmp_path / "r", "resume=auto", "optim.param_groups=decay_all")
     assert digest(os.path.join(out, "backbone.safetensors")) == before
     assert digest(os.path.join(out, "config.yaml")) == config_before
     run(tmp_path / "r", "overwrite=true", "seed=1")
