@@ -1,0 +1,250 @@
+"""Datasets: CIFAR-10/100 and STL-10 (torchvision formats), ImageFolder trees, Imagenette, synthetic data.
+
+A data root may hold a dataset's native torchvision files, its unpacked ImageFolder tree (``cifar10/train/..``)
+or the archive (``cifar10-jpeg.tar.gz``), which is unpacked once into a cache. Every dataset built here returns
+PIL images and exposes ``targets`` (a list of ints) and ``classes``.
+"""
+import logging
+import os
+import pickle
+from typing import List, Optional
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import datasets as tvd
+
+from ..errors import UserError
+from .archive import unpack_once
+
+log = logging.getLogger(__name__)
+
+# name -> (torchvision native folder, folder name in a tree / archive, archive file name)
+LAYOUTS = {
+    "cifar10": ("cifar-10-batches-py", "cifar10", "cifar10-jpeg.tar.gz"),
+    "cifar100": ("cifar-100-python", "cifar100", "cifar100-jpeg.tar.gz"),
+    "stl10": ("stl10_binary", "stl10", "stl10-jpeg.tar.gz"),
+    "imagenette": (None, "imagenette", "imagenette64-jpeg.tar.gz"),
+}
+# Errors that mean "this image file is unreadable".
+IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def data_root(root: str = "") -> str:
+    return os.path.expanduser(root or os.environ.get("SSL_BOCB_DATA") or "data")
+
+
+class FakeImages(Dataset):
+    """Synthetic labelled images: each class is a fixed random colour pattern, each image that pattern plus
+    noise and a random shift. Deterministic in the index; separable, so kNN and probes can learn it."""
+
+    def __init__(self, num_classes: int = 4, per_class: int = 16, image_size: int = 32, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.patterns = torch.rand(num_classes, 3, 8, 8, generator=g)
+        self.image_size, self.seed = image_size, seed
+        self.targets = [i % num_classes for i in range(num_classes * per_class)]
+        self.classes = [f"class{c}" for c in range(num_classes)]
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(self.seed * 100003 + i + 1)
+        y = self.targets[i]
+        base = torch.nn.functional.interpolate(self.patterns[y][None], size=self.image_size, mode="nearest")[0]
+        x = (0.7 * base + 0.3 * torch.rand(base.shape, generator=g)).clamp(0, 1)
+        x = torch.roll(x, shifts=int(torch.randint(-2, 3, (1,), generator=g)), dims=2)
+        arr = (x.permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+        return Image.fromarray(arr), y
+
+
+class _FilesPresent:
+    """torchvision checks the MD5 of every native file, so only byte-identical copies of the original archives
+    load. Here the files must be present and readable; the MD5 is still checked on download."""
+
+    def _check_integrity(self) -> bool:
+        return all(os.path.isfile(os.path.join(self.root, self.base_folder, name))
+                   for name, _ in self.train_list + self.test_list)
+
+
+class CIFAR10Files(_FilesPresent, tvd.CIFAR10):
+    def _load_meta(self) -> None:
+        path = os.path.join(self.root, self.base_folder, self.meta["filename"])
+        if not os.path.isfile(path):
+            raise RuntimeError(f"{path} is missing")
+        with open(path, "rb") as f:
+            self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+
+
+class CIFAR100Files(CIFAR10Files, tvd.CIFAR100):
+    pass
+
+
+class STL10Files(_FilesPresent, tvd.STL10):
+    pass
+
+
+class STL10Images(Dataset):
+    """torchvision STL10 with ``targets`` (unlabelled images get -1)."""
+
+    def __init__(self, root, split, download):
+        self.ds = STL10Files(root, split=split, download=download)
+        self.targets = [int(t) for t in self.ds.labels]
+        self.classes = self.ds.classes
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        return self.ds[i]
+
+
+def _image_folder(path: str):
+    try:
+        return tvd.ImageFolder(path)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise UserError(f"no images under '{path}' ({str(e).splitlines()[0]}); it must hold one folder per "
+                        f"class with image files inside") from None
+
+
+def _split_dir(tree: str, split: str) -> Optional[str]:
+    """``tree/split``; 'test' falls back to 'val' and back (Imagenette and ImageNet call their test split val)."""
+    aliases = {"test": ["test", "val"], "val": ["val", "test"]}.get(split, [split])
+    for s in aliases:
+        if os.path.isdir(os.path.join(tree, s)):
+            return os.path.join(tree, s)
+    return None
+
+
+def build_base(data_cfg, split: str, image_size: Optional[int] = None):
+    """The raw dataset (PIL images, int labels) of ``data_cfg.name`` for ``split`` (train / test / ...)."""
+    name = data_cfg.name
+    root = data_root(data_cfg.root)
+    if name == "fake":
+        # train and test draw different noise (different seeds) around the same class patterns
+        ds = FakeImages(data_cfg.fake_classes, data_cfg.fake_per_class, image_size or data_cfg.image_size,
+                        seed=0 if split == "train" else 1)
+        ds.patterns = FakeImages(data_cfg.fake_classes, 1, 8, seed=0).patterns
+        return ds
+    if name == "imagefolder":
+        path = _split_dir(root, split)
+        if path is None:
+            raise UserError(f"imagefolder: no '{split}' folder under data.root='{root}'; the root must hold "
+                            f"{split}/<class>/<image> (set data.train_split / data.test_split for other names)")
+        return _image_folder(path)
+    native, tree_name, archive = LAYOUTS[name]
+    looked = []
+    if native:
+        looked.append(os.path.join(root, native) + "/")
+        if os.path.isdir(os.path.join(root, native)):
+            return _native(name, root, split, download=False)
+    # the unpacked tree: <root>/<tree_name>/<split>/, or <root>/<split>/ when root is that tree itself
+    trees = [os.path.join(root, tree_name)] + ([root] if os.path.basename(os.path.normpath(root)) == tree_name else [])
+    for tree in trees:
+        looked.append(os.path.join(tree, split) + "/")
+        path = _split_dir(tree, split)
+        if path is not None:
+            return _image_folder(path)
+    arch = os.path.join(root, archive)
+    looked.append(arch)
+    if os.path.isfile(arch):
+        unpacked = unpack_once(arch, data_cfg.cache_dir)
+        path = _split_dir(os.path.join(unpacked, tree_name), split)
+        if path is None:
+            raise UserError(f"archive '{arch}' holds no {tree_name}/{split}/ folder; is it the right archive?")
+        return _image_folder(path)
+    if data_cfg.download and native:
+        try:
+            return _native(name, root, split, download=True)
+        except Exception as e:  # network errors of all kinds
+            raise UserError(f"download of {name} into '{root}' failed ({str(e).splitlines()[0]}); without "
+                            f"internet, put the dataset files under data.root") from None
+    hint = " or pass data.download=true (needs internet)" if native else ""
+    raise UserError(f"{name} {split} data not found under '{root}' (looked for {', '.join(looked)}); set "
+                    f"data.root=<folder> or SSL_BOCB_DATA{hint}")
+
+
+def _native(name, root, split, download):
+    try:
+        if name == "cifar10":
+            return CIFAR10Files(root, train=split == "train", download=download)
+        if name == "cifar100":
+            return CIFAR100Files(root, train=split == "train", download=download)
+        return STL10Images(root, split, download)
+    except (RuntimeError, ValueError, OSError, KeyError, pickle.UnpicklingError, EOFError) as e:
+        raise UserError(f"{name} files under '{root}' are unreadable ({str(e).splitlines()[0]}); remove them "
+                        f"and copy or download them again") from None
+
+
+def per_class_subset(targets: List[int], n: int) -> List[int]:
+    """Indices of the first ``n`` images of each class, in dataset order (deterministic); n=0 keeps all."""
+    if n <= 0:
+        return list(range(len(targets)))
+    seen, keep = {}, []
+    for i, t in enumerate(targets):
+        if seen.get(t, 0) < n:
+            seen[t] = seen.get(t, 0) + 1
+            keep.append(i)
+    return keep
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """Seed of one sample's augmentation: a function of (run seed, epoch, index) alone, so augmentations do
+    not depend on worker count, process count or where a resumed run restarted."""
+    return (seed * 0x9E3779B1 + epoch * 0x85EBCA77 + index * 0xC2B2AE3D) % (2 ** 63 - 1)
+
+
+class TransformedDataset(Dataset):
+    """Applies ``transform`` to a base dataset's images with a per-sample seeded RNG, and survives unreadable
+    images: a corrupt file is skipped (the next readable image takes its place), counted, and reported.
+
+    ``__getitem__`` returns ``(x, label, n_skipped)``; summing ``n_skipped`` over batches counts the skips.
+    """
+
+    def __init__(self, base, transform, seed: int = 0, indices: Optional[List[int]] = None):
+        self.base, self.transform, self.seed = base, transform, seed
+        self.indices = list(range(len(base))) if indices is None else list(indices)
+        base_targets = list(base.targets)
+        self.targets = [base_targets[i] for i in self.indices]
+        self.classes = list(getattr(base, "classes", []))
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.indices)
+
+    def _path(self, j):
+        samples = getattr(self.base, "samples", None)
+        return samples[j][0] if samples else f"item {j}"
+
+    def __getitem__(self, i):
+        skipped = 0
+        for attempt in range(len(self)):
+            j = self.indices[(i + attempt) % len(self)]
+            try:
+                img, label = self.base[j]
+                img = img.convert("RGB") if hasattr(img, "convert") else img
+                break
+            except IMAGE_ERRORS as e:
+                skipped += 1
+                log.warning("skipping unreadable image %s (%s)", self._path(j), e)
+        else:
+            raise UserError("no readable image in the dataset; check the data files")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, self.epoch, i))
+            x = self.transform(img)
+        return x, label, skipped
+
+
+def build_dataset(data_cfg, split: str, transform, seed: int = 0, subset: Optional[int] = None):
+    """Base dataset for ``split`` -> per-class subset (``data.subset`` unless given) -> transform wrapper."""
+    base = build_base(data_cfg, split)
+    n = data_cfg.subset if subset is None else subset
+    ds = TransformedDataset(base, transform, seed, per_class_subset(list(base.targets), n))
+    if len(ds) == 0:
+        raise UserError(f"{data_cfg.name} {split} split is empty; check data.root and data.subset")
+    return ds
