@@ -235,8 +235,9 @@ class FinetuneConfig:
     mixup: float = 0.8
     cutmix: float = 1.0
     mixup_prob: float = 1.0
-    # timm auto-augment policy string, e.g. rand-m9-mstd0.5-inc1 (RandAugment); empty or null = off.
-    randaugment: Optional[str] = "rand-m9-mstd0.5-inc1"
+    # timm auto-augment policy string (RandAugment m9, std 0.5 as in DeiT); empty or null = off. DeiT's "-inc1"
+    # variant is not the default: its posterize reaches 0 bits, which current Pillow rejects mid-epoch.
+    randaugment: Optional[str] = "rand-m9-mstd0.5"
     # Keep an exponential moving average of the weights and report it too; 0 = off (e.g. 0.9999).
     ema_decay: float = 0.0
     # Checkpoint every N epochs (and at the end); resume as in pretraining.
