@@ -142,7 +142,7 @@ def test_finetune_on_tiny_data_beats_chance(tmp_path):
     validate(m)
     assert m["top1"] > 50.0  # 4 classes: chance is 25 %
     rows = [json.loads(line) for line in open(tmp_path / "ft" / "log.jsonl")]
-    assert len(rows) == 6 and "ema_top1" in rows[-1]
+    assert len(rows) == 6 and "ema_top1" in rows[-1] and rows[-1]["grad_norm"] > 0
     assert os.path.isfile(tmp_path / "ft" / "finetune_metrics.json")
 
 

@@ -168,7 +168,7 @@ def run_finetune(cfg) -> Dict:
         bar = tqdm(total=steps_per_epoch * fc.batch_size, initial=skip * fc.batch_size, unit="img", unit_scale=True,
                    desc=f"fine-tune {epoch + 1}/{fc.epochs}", disable=not accelerator.is_main_process,
                    dynamic_ncols=True)
-        t_epoch, loss_sum, n = time.time(), 0.0, 0
+        t_epoch, loss_sum, grad_sum, n = time.time(), 0.0, 0.0, 0
         for x, y, _ in batches:
             lr_t = schedules.warmup_cosine(step, total, warmup, lr, lr * oc.min_lr_ratio)
             wd_t = schedules.cosine(step, total, oc.weight_decay, wd_end)
@@ -181,7 +181,7 @@ def run_finetune(cfg) -> Dict:
                     loss = F.cross_entropy(model(x).float(), y, label_smoothing=fc.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
-            accelerator.clip_grad_norm_(params, max_norm)
+            grad_norm = accelerator.clip_grad_norm_(params, max_norm)
             optimizer.step()
             step += 1
             if ema is not None:
@@ -190,13 +190,15 @@ def run_finetune(cfg) -> Dict:
                 raise UserError(f"fine-tuning diverged (loss {loss.item()} at step {step}); lower "
                                 f"finetune.optim.base_lr or set finetune.optim.grad_clip")
             loss_sum += loss.item()
+            grad_sum += float(grad_norm) if grad_norm is not None else float("nan")
             n += 1
             bar.update(fc.batch_size)
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr_t:.3g}", refresh=False)
         bar.close()
         seconds = time.time() - t_epoch
         res = evaluate(model, test_loader, accelerator)
-        row = dict(epoch=epoch + 1, step=step, loss=loss_sum / max(n, 1), lr=lr_t, wd=wd_t, top1=res["top1"],
+        row = dict(epoch=epoch + 1, step=step, loss=loss_sum / max(n, 1), grad_norm=grad_sum / max(n, 1), lr=lr_t,
+                   wd=wd_t, top1=res["top1"],
                    top5=res["top5"], images_per_s=n * fc.batch_size / max(seconds, 1e-9),
                    peak_mem_mb=logs.peak_memory_mb(accelerator.device), seconds=seconds)
         if ema is not None:
