@@ -1,3 +1,3 @@
-from .pretrain import make_accelerator, pretrain
+from .pretrain import epoch_batches, make_accelerator, pretrain
 
-__all__ = ["make_accelerator", "pretrain"]
+__all__ = ["epoch_batches", "make_accelerator", "pretrain"]

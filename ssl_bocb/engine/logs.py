@@ -68,8 +68,6 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-
-
 def append_jsonl(path: str, row: Dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")

@@ -45,6 +45,14 @@ def make_accelerator(train_cfg, seed: int = 0) -> Accelerator:
                         f"use bf16 or no on CPU") from None
 
 
+def epoch_batches(accelerator, loader, dataset, epoch: int, skip: int):
+    """The batches of ``epoch``, less the first ``skip`` already trained (resume). The sampler's order and every
+    image's augmentation are functions of the epoch, so a resumed epoch continues where it stopped."""
+    dataset.set_epoch(epoch)
+    loader.set_epoch(epoch)
+    return accelerator.skip_first_batches(loader, skip) if skip else loader
+
+
 def _shared_run_dir(cfg: DictConfig, name: str, resume_path: Optional[str]) -> str:
     """The run folder: output_dir, else the resumed checkpoint's run, else runs/<name>-<time> (the main
     process's clock decides, so that every process agrees)."""
@@ -119,7 +127,7 @@ def pretrain(cfg: DictConfig, name: str = "run") -> str:
         monitor = KnnMonitor(cfg, accelerator)
     step = 0
     if resume_path:
-        meta = ckpt.load_checkpoint(accelerator, resume_path)
+        ckpt.load_checkpoint(accelerator, resume_path)
         step = meta["step"]
 
     # nothing is written before this point: bad input fails without touching any folder
@@ -161,10 +169,8 @@ def pretrain(cfg: DictConfig, name: str = "run") -> str:
         for epoch in range(step // steps_per_epoch, cfg.train.epochs):
             if step >= stop_at:
                 break
-            dataset.set_epoch(epoch)
-            loader.set_epoch(epoch)
             skip = step - epoch * steps_per_epoch
-            batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+            batches = epoch_batches(accelerator, loader, dataset, epoch, skip)
             model.train()
             progress = tqdm(total=steps_per_epoch * cfg.train.batch_size, initial=skip * cfg.train.batch_size,
                             unit="img", unit_scale=True, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
@@ -249,7 +255,8 @@ def pretrain(cfg: DictConfig, name: str = "run") -> str:
         raise
 
     if step < total_steps:
-        if not ckpt.latest_checkpoint(run_dir) or ckpt.read_meta(ckpt.latest_checkpoint(run_dir))["step"] != step:
+        latest = ckpt.latest_checkpoint(run_dir)
+        if latest is None or ckpt.read_meta(latest)["step"] != step:
             ckpt.save_checkpoint(accelerator, run_dir, meta_now(False), cfg.train.keep_checkpoints)
         log.info("stopped at step %d of %d (train.stop_at_step); continue with resume=auto output_dir=%s", step,
                  total_steps, run_dir)

@@ -26,14 +26,14 @@ from ..config import scaled_lr, to_dict
 from ..data import build_dataset, eval_transform, norm_stats
 from ..engine import checkpoint as ckpt
 from ..engine import logs
-from ..engine import make_accelerator
+from ..engine import epoch_batches, make_accelerator
 from ..errors import UserError
 from ..models import create_backbone
 from ..optim import build_optimizer, group_summary, param_groups, schedules
 from .features import load_eval_backbone
 from .linear import evaluate
 from .metrics import check_writable, result_path, write_metrics
-from .stages import output_folder
+from .stages import count_classes, output_folder
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def finetune_param_groups(model, optim_cfg, layer_decay: float, family: str):
         groups = timm.optim.param_groups_layer_decay(model, weight_decay=optim_cfg.weight_decay,
                                                      no_weight_decay_list=model.no_weight_decay(),
                                                      layer_decay=layer_decay)
-        for i, g in enumerate(groups):
+        for g in groups:
             g["wd_scale"] = 1.0 if g["weight_decay"] > 0 else 0.0
             g["always_adapt"] = g["weight_decay"] > 0
             g["group_name"] = f"layer_scale_{g['lr_scale']:.3f}_{'decay' if g['weight_decay'] else 'no_decay'}"
@@ -106,7 +106,7 @@ def run_finetune(cfg) -> Dict:
     train_ds = build_dataset(cfg.data, cfg.data.train_split, train_tf, seed=cfg.seed)
     test_ds = build_dataset(cfg.data, cfg.data.test_split, eval_transform(cfg.data), seed=cfg.seed,
                             subset=cfg.test_subset)
-    num_classes = int(max(max(train_ds.targets), max(test_ds.targets)) + 1)
+    num_classes = count_classes(train_ds, test_ds)
     if len(train_ds) < fc.batch_size:
         raise UserError(f"{len(train_ds)} training images are fewer than one batch of {fc.batch_size}; lower "
                         f"finetune.batch_size")
@@ -160,10 +160,8 @@ def run_finetune(cfg) -> Dict:
     unwrapped = accelerator.unwrap_model(model)
     row = {}
     for epoch in range(step // steps_per_epoch, fc.epochs):
-        train_ds.set_epoch(epoch)
-        train_loader.set_epoch(epoch)
         skip = step - epoch * steps_per_epoch
-        batches = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
+        batches = epoch_batches(accelerator, train_loader, train_ds, epoch, skip)
         model.train()
         bar = tqdm(total=steps_per_epoch * fc.batch_size, initial=skip * fc.batch_size, unit="img", unit_scale=True,
                    desc=f"fine-tune {epoch + 1}/{fc.epochs}", disable=not accelerator.is_main_process,

@@ -66,19 +66,20 @@ class EvalSession:
         return metrics
 
 
-def _num_classes(*label_sets) -> int:
-    return int(max(int(y.max()) for y in label_sets)) + 1
+def count_classes(*datasets) -> int:
+    """Number of classes: the largest label of the given datasets plus one."""
+    return int(max(max(ds.targets) for ds in datasets)) + 1
 
 
 def run_knn(cfg) -> Dict:
     s = EvalSession(cfg, "knn")
-    ftr, ytr, hit_tr, _ = s.features(cfg.data.train_split, train=True)
-    fte, yte, hit_te, _ = s.features(cfg.data.test_split, train=False)
+    ftr, ytr, hit_tr, train_ds = s.features(cfg.data.train_split, train=True)
+    fte, yte, hit_te, test_ds = s.features(cfg.data.test_split, train=False)
     ks = sorted(set(cfg.knn.ks) | {cfg.knn.k})
     backend = resolve_backend(cfg.knn.backend)
     t = time.time()
     table = knn_classify(ftr, ytr, fte, yte, ks=ks, temperature=cfg.knn.temperature, backend=backend,
-                         num_classes=_num_classes(ytr, yte), chunk_size=cfg.knn.chunk_size)
+                         num_classes=count_classes(train_ds, test_ds), chunk_size=cfg.knn.chunk_size)
     knn_seconds = time.time() - t
     head = table[cfg.knn.k]
     for k in ks:
@@ -99,9 +100,9 @@ def run_linprobe(cfg) -> Dict:
                     optimizer="SGD", schedule="cosine per epoch, no warmup", train_subset=cfg.data.subset,
                     test_subset=cfg.test_subset)
     if lc.mode == "cached":
-        ftr, ytr, _, _ = s.features(cfg.data.train_split, train=True)
-        fte, yte, _, _ = s.features(cfg.data.test_split, train=False)
-        res = train_linear_cached(ftr, ytr, fte, yte, _num_classes(ytr, yte), lc.epochs, lc.batch_size, base_lr,
+        ftr, ytr, _, train_ds = s.features(cfg.data.train_split, train=True)
+        fte, yte, _, test_ds = s.features(cfg.data.test_split, train=False)
+        res = train_linear_cached(ftr, ytr, fte, yte, count_classes(train_ds, test_ds), lc.epochs, lc.batch_size, base_lr,
                                   lc.momentum, lc.weight_decay, cfg.seed, s.accelerator.device,
                                   progress=s.accelerator.is_main_process)
         protocol["train_transform"] = "none (cached features of the eval transform)"
@@ -110,7 +111,9 @@ def run_linprobe(cfg) -> Dict:
         train_ds = build_dataset(cfg.data, cfg.data.train_split, probe_train_transform(cfg.data), seed=cfg.seed)
         test_ds = build_dataset(cfg.data, cfg.data.test_split, eval_transform(cfg.data), seed=cfg.seed,
                                 subset=cfg.test_subset)
-        num_classes = _num_classes_ds(train_ds, test_ds)
+        num_classes = count_classes(train_ds, test_ds)
+        if num_classes < 2:
+            raise UserError("the probe needs at least two classes")
         res = linear_probe_full(s.backbone, train_ds, test_ds, s.accelerator, num_classes, lc.epochs, lc.batch_size,
                                 base_lr, lc.momentum, lc.weight_decay, cfg.data.num_workers, cfg.seed)
         protocol["train_transform"] = repr(probe_train_transform(cfg.data))
@@ -119,10 +122,3 @@ def run_linprobe(cfg) -> Dict:
     log.info("linear probe (%s): top-1 %.2f  top-5 %.2f", lc.mode, res["top1"], res["top5"])
     extra = {k: v for k, v in res.items() if k not in ("top1", "top5", "lr")}
     return s.finish(res["top1"], res["top5"], n_train, n_test, protocol, mode=lc.mode, **extra)
-
-
-def _num_classes_ds(*datasets) -> int:
-    n = max(max(ds.targets) for ds in datasets) + 1
-    if n < 2:
-        raise UserError("the probe needs at least two classes")
-    return int(n)
