@@ -103,34 +103,54 @@ class MocoConfig:
 
 
 @dataclass
+class SamConfig:
+    # SAM neighbourhood radius rho (Foret et al. 2021: 0.05; ViTs 0.05-0.2, Chen et al. 2022); 0 = off. Two
+    # forward / backward passes per step around any optimizer of the table.
+    rho: float = 0.0
+    # ASAM (Kwon et al. 2021): the perturbation scaled elementwise by |w|, rho then typically 10x larger.
+    adaptive: bool = False
+
+
+@dataclass
 class OptimConfig:
-    # adamw | lamb | sgd | lars, or any name timm.optim.create_optimizer_v2 knows (lion, adan, nadam, ...).
+    # Any name of the optimizer table (`python tools/optimizers.py`: the 20 BOCB optimizers, Muon, ADOPT, MARS,
+    # LaProp, Kron), or another timm.optim name (then base_lr and weight_decay must be set).
     name: str = "adamw"
-    # Learning rate for a global batch of 256; the actual lr follows `lr_scaling`.
-    base_lr: float = 1.5e-4
+    # The keys below set to null take, in this order, optim.per_optimizer.<name>.<key> (a recipe's tuning for that
+    # optimizer) and then the table's default for the chosen optimizer, so that swapping optim.name swaps them all.
+    # Learning rate per 256 images; the actual lr follows lr_scaling.
+    base_lr: Optional[float] = None
     # linear: lr = base_lr * batch / 256 (Goyal et al.) | sqrt: base_lr * sqrt(batch / 256) | none.
-    lr_scaling: str = "linear"
+    lr_scaling: Optional[str] = None
+    weight_decay: Optional[float] = None
+    # SGD / LARS / RMSProp / Muon / Kron momentum, and Nesterov where the optimizer has it.
+    momentum: Optional[float] = None
+    nesterov: Optional[bool] = None
+    # Adam-family betas (three for Adan) and eps.
+    betas: Optional[List[float]] = None
+    eps: Optional[float] = None
+    # LARS trust coefficient eta (0.001 ImageNet batch 4096; 0.02 with trust_clip for small batches, solo-learn).
+    trust_coefficient: Optional[float] = None
+    # LARC / LAMBC: clip the trust ratio so the local lr never exceeds the global lr.
+    trust_clip: Optional[bool] = None
+    # Per-optimizer settings a recipe tuned, used only when that optimizer is chosen, e.g.
+    # {lars: {base_lr: 0.3, trust_coefficient: 0.02}, adamw: {weight_decay: 0.05}}.
+    per_optimizer: Dict[str, Any] = field(default_factory=dict)
+    # Which tensors get weight decay: all (the reference MoCo v3 AdamW) | exclude_1d (not biases and norm scales)
+    # | exclude_1d_tokens (also not the cls token, position embedding and timm's no_weight_decay() names).
+    weight_decay_policy: str = "exclude_1d_tokens"
+    # Which tensors get the layer-wise trust ratio of LARS / LAMB: exclude_1d (SPEC: ndim <= 1 excluded) | all.
+    trust_ratio_policy: str = "exclude_1d"
     # Final lr of the cosine schedule, as a fraction of the peak lr.
     min_lr_ratio: float = 0.0
-    weight_decay: float = 0.1
     # Weight decay at the end of training (cosine from weight_decay); null = constant.
     weight_decay_end: Optional[float] = None
-    # exclude_norm_bias: no decay (and no LARS/LAMB trust ratio) for tensors with ndim <= 1, cls token and
-    # position embedding | decay_all: the reference MoCo v3 AdamW behaviour.
-    param_groups: str = "exclude_norm_bias"
-    # SGD / LARS momentum, and Nesterov for SGD.
-    momentum: float = 0.9
-    nesterov: bool = False
-    # Adam-family betas and eps.
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    # LARS trust coefficient eta (0.001 ImageNet; 0.02 with trust_clip for small batches, solo-learn).
-    trust_coefficient: float = 0.001
-    # LARC: clip the LARS trust ratio so the local lr never exceeds the global lr.
-    trust_clip: bool = False
-    # Clip gradients to this global L2 norm; 0 = off.
+    # Gradient clipping: norm (global L2 norm <= grad_clip) | agc (NFNets unit-wise ||g|| / ||w|| <= grad_clip).
+    grad_clip_mode: str = "norm"
+    # Clipping threshold (max norm, or AGC lambda such as 0.01-0.16); 0 = off.
     grad_clip: float = 0.0
-    # Extra keyword arguments passed to the optimizer's constructor.
+    sam: SamConfig = field(default_factory=SamConfig)
+    # Extra keyword arguments passed to the optimizer's constructor as they are.
     kwargs: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -216,7 +236,8 @@ class LinearConfig:
 
 
 def _finetune_optim() -> OptimConfig:
-    return OptimConfig(name="adamw", base_lr=5e-4, weight_decay=0.05)
+    # DeiT fine-tuning AdamW; other optimizers take the table's pretraining defaults unless set.
+    return OptimConfig(name="adamw", per_optimizer={"adamw": {"base_lr": 5e-4, "weight_decay": 0.05}})
 
 
 @dataclass
@@ -224,10 +245,13 @@ class FinetuneConfig:
     epochs: int = 100
     warmup_epochs: float = 5.0
     batch_size: int = 128
-    # The fine-tune optimizer (any registry name: it is a BOCB axis too). Default AdamW 5e-4 / wd 0.05 (DeiT).
+    # The fine-tune optimizer (any table name: it is a BOCB axis too). Default AdamW 5e-4 / wd 0.05 (DeiT).
     optim: OptimConfig = field(default_factory=_finetune_optim)
     # ViT layer-wise lr decay (BEiT / MAE); 1.0 = off. Ignored for CNNs.
     layer_decay: float = 0.75
+    # ViT: train the position embedding (the DeiT-style transfer recipe), also when pretraining kept it fixed
+    # (sin-cos); false keeps it as pretraining had it.
+    train_pos_embed: bool = True
     # Stochastic depth rate passed to timm (drop_path_rate).
     drop_path: float = 0.1
     label_smoothing: float = 0.1
@@ -276,27 +300,34 @@ CHOICES = {
     "model.pos_embed": ("sincos", "learned", "none"),
     "moco.momentum_schedule": ("cosine", "constant"),
     "optim.lr_scaling": ("linear", "sqrt", "none"),
-    "optim.param_groups": ("exclude_norm_bias", "decay_all"),
+    "optim.weight_decay_policy": ("all", "exclude_1d", "exclude_1d_tokens"),
+    "optim.trust_ratio_policy": ("exclude_1d", "all"),
+    "optim.grad_clip_mode": ("norm", "agc"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
     "mixed_precision": ("no", "bf16", "fp16"),
     "knn.backend": ("auto", "faiss", "torch"),
     "linear.mode": ("cached", "full"),
     "finetune.optim.lr_scaling": ("linear", "sqrt", "none"),
-    "finetune.optim.param_groups": ("exclude_norm_bias", "decay_all"),
+    "finetune.optim.weight_decay_policy": ("all", "exclude_1d", "exclude_1d_tokens"),
+    "finetune.optim.trust_ratio_policy": ("exclude_1d", "all"),
+    "finetune.optim.grad_clip_mode": ("norm", "agc"),
 }
 # Keys that must be > 0 and >= 0.
 POSITIVE = ("train.epochs", "train.batch_size", "optim.base_lr", "moco.temperature", "data.image_size",
             "model.hidden_dim", "model.out_dim", "batch_size", "knn.k", "knn.temperature", "linear.epochs",
             "linear.batch_size", "linear.base_lr", "finetune.epochs", "finetune.batch_size", "finetune.optim.base_lr",
-            "finetune.layer_decay")
+            "finetune.layer_decay", "optim.eps", "finetune.optim.eps")
 NON_NEGATIVE = ("optim.weight_decay", "train.warmup_epochs", "data.subset", "data.num_workers",
                 "train.save_every", "train.save_every_steps", "optim.grad_clip", "train.stop_at_step",
                 "monitor.knn_every", "test_subset", "linear.weight_decay", "finetune.warmup_epochs",
                 "finetune.optim.weight_decay", "finetune.drop_path", "finetune.label_smoothing", "finetune.mixup",
-                "finetune.cutmix", "finetune.mixup_prob", "finetune.ema_decay")
+                "finetune.cutmix", "finetune.mixup_prob", "finetune.ema_decay", "optim.sam.rho", "finetune.optim.sam.rho",
+                "optim.momentum", "finetune.optim.momentum", "optim.trust_coefficient",
+                "finetune.optim.weight_decay_end", "optim.weight_decay_end", "finetune.optim.grad_clip")
 
 # Free-form mappings inside the schema (any key allowed).
-OPEN_KEYS = ("model.backbone_kwargs", "optim.kwargs", "finetune.optim.kwargs")
+OPEN_KEYS = ("model.backbone_kwargs", "optim.kwargs", "finetune.optim.kwargs", "optim.per_optimizer",
+             "finetune.optim.per_optimizer")
 
 # Top-level keys written beside the config in saved run files; ignored when a saved config is loaded again.
 SAVED_EXTRAS = ("derived",)
@@ -426,10 +457,12 @@ def validate(cfg: DictConfig) -> None:
         value = _get(cfg, key)
         if value is not None and value < 0:
             raise UserError(f"{key} must be >= 0, got {value}")
-    for key in ("optim.betas", "finetune.optim.betas"):
-        betas = _get(cfg, key)
-        if betas is not None and len(betas) != 2:
-            raise UserError(f"{key} must hold two numbers, got {list(betas)}")
+    for key in ("optim", "finetune.optim"):
+        node = _get(cfg, key)
+        if node is not None:
+            from .optim.registry import check_per_optimizer, resolve
+            check_per_optimizer(node.per_optimizer, key)
+            resolve(node, key, warn=False)  # unknown names, missing lr / wd, betas of the wrong length
 
 
 def scaled_lr(base_lr: float, global_batch: int, rule: str) -> float:

@@ -72,12 +72,24 @@ def test_shipped_recipes_load(path):
 def test_published_recipes_follow_the_paper():
     import os
     from conftest import REPO
+    from ssl_bocb.optim import resolve
     vit = config.load(P, [os.path.join(REPO, "configs/imagenet_vit_small_adamw.yaml")])
-    assert (vit.optim.name, vit.optim.base_lr, vit.optim.weight_decay, vit.train.epochs, vit.train.warmup_epochs,
-            vit.moco.temperature, vit.model.frozen_patch_embed) == ("adamw", 1.5e-4, 0.1, 300, 40, 0.2, True)
+    o = resolve(vit.optim)
+    assert (o.entry.name, o.base_lr, o.weight_decay, vit.optim.weight_decay_policy, vit.train.epochs,
+            vit.train.warmup_epochs, vit.moco.temperature, vit.model.frozen_patch_embed) == \
+        ("adamw", 1.5e-4, 0.1, "all", 300, 40, 0.2, True)
     rn = config.load(P, [os.path.join(REPO, "configs/imagenet_resnet50_lars.yaml")])
-    assert (rn.optim.name, rn.optim.base_lr, rn.optim.weight_decay, rn.optim.momentum, rn.train.warmup_epochs,
-            rn.moco.temperature, rn.data.crop_min) == ("lars", 0.6, 1e-6, 0.9, 10, 1.0, 0.2)
+    o = resolve(rn.optim)
+    assert (o.entry.name, o.base_lr, o.weight_decay, o.options["momentum"], o.options["trust_coefficient"],
+            o.options["trust_clip"], rn.train.warmup_epochs, rn.moco.temperature, rn.data.crop_min) == \
+        ("lars", 0.6, 1e-6, 0.9, 0.001, False, 10, 1.0, 0.2)
+    # one value swaps the optimizer: the recipe's LARS tuning stays with LARS, AdamW takes the table's values
+    swapped = resolve(config.load(P, [os.path.join(REPO, "configs/imagenet_resnet50_lars.yaml")],
+                                  ["optim.name=adamw"]).optim)
+    assert (swapped.base_lr, swapped.weight_decay, swapped.sources["base_lr"]) == (1.5e-4, 0.1, "table")
+    overlay = resolve(config.load(P, [os.path.join(REPO, "configs/imagenet_resnet50_lars.yaml"),
+                                      os.path.join(REPO, "configs/optim/sgd.yaml")]).optim)
+    assert (overlay.entry.name, overlay.base_lr, overlay.options["momentum"]) == ("sgd", 0.03, 0.9)
 
 
 def test_mixed_precision_no_survives_yaml_booleans():

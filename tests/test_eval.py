@@ -175,3 +175,13 @@ def test_quickstart_tool_prints_both_rows(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "MoCo v3 (1 ep)" in proc.stdout and "random init" in proc.stdout
     assert os.path.isfile(tmp_path / "q" / "random-init" / "linprobe_metrics.json")
+
+
+def test_finetune_trains_the_position_embedding_unless_told_not_to():
+    from ssl_bocb.eval.finetune import build_finetune_model
+    vit = FAKE + ["model.backbone=vit_tiny_patch16_224", "model.backbone_kwargs={img_size: 32, patch_size: 8}",
+                  "model.pos_embed=sincos"]
+    model, _ = build_finetune_model(config.load(E, [], vit), 4)
+    assert model.pos_embed.requires_grad
+    model, _ = build_finetune_model(config.load(E, [], vit + ["finetune.train_pos_embed=false"]), 4)
+    assert not model.pos_embed.requires_grad and model.head.out_features == 4

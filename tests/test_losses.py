@@ -81,3 +81,17 @@ def test_two_processes_equal_one_process_on_same_global_batch(tmp_path):
     loss.backward()
     assert two["loss"].item() == pytest.approx(loss.item(), rel=1e-5)
     assert torch.allclose(two["grad"], w.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_loss_under_bf16_autocast_equals_the_fp32_loss():
+    torch.manual_seed(0)
+    q = torch.randn(32, 64, requires_grad=True)
+    k = torch.randn(32, 64)
+    ref = contrastive_loss(q, k, 0.2)
+    (g_ref,) = torch.autograd.grad(ref, q)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = contrastive_loss(q, k, 0.2)
+    (g,) = torch.autograd.grad(loss, q)
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+    assert torch.allclose(g, g_ref, rtol=1e-5, atol=1e-8)

@@ -196,6 +196,13 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return (seed * 0x9E3779B1 + epoch * 0x85EBCA77 + index * 0xC2B2AE3D) % (2 ** 63 - 1)
 
 
+def order_seed(seed: int) -> int:
+    """Seed of the data order. Accelerate's seedable sampler orders epoch e with (data_seed + e), so passing the
+    run seed itself would give seed s + 1 the order of seed s one epoch later; a multiplicative hash keeps the
+    orders of different seeds apart for any number of epochs (independent seeds for confidence intervals)."""
+    return (seed * 0x9E3779B97F4A7C15 + 0x2545F4914F6CDD1D) % (2 ** 62)
+
+
 class TransformedDataset(Dataset):
     """Applies ``transform`` to a base dataset's images with a per-sample seeded RNG, and survives unreadable
     images: a corrupt file is skipped (the next readable image takes its place), counted, and reported.

@@ -68,6 +68,21 @@ def check_same_model(meta: dict, model_cfg: dict, path: str) -> None:
                         f"trained with or start a new run")
 
 
+def check_same_optimizer(meta: dict, derived: dict, path: str) -> None:
+    """A resumed run must use the optimizer and parameter groups its checkpoint was trained with: an optimizer
+    state would otherwise load into groups of the same sizes and silently carry the old settings."""
+    saved = meta.get("derived", {})
+
+    def groups(d):
+        return [(g["name"], g["tensors"], g["params"]) for g in d.get("param_groups", [])]
+    old_name, new_name = saved.get("optimizer", {}).get("name"), derived["optimizer"]["name"]
+    if old_name != new_name or groups(saved) != groups(derived):
+        raise UserError(f"checkpoint '{path}' was trained with optimizer {old_name} and parameter groups "
+                        f"{groups(saved)}, this config asks for {new_name} with {groups(derived)}; resume with the "
+                        f"optim settings it was trained with (optim.name, optim.weight_decay_policy, "
+                        f"optim.trust_ratio_policy) or start a new run")
+
+
 def save_checkpoint(accelerator, run_dir: str, meta: dict, keep: int = 0) -> str:
     """Save the full training state at ``meta['step']``; every process must call this."""
     path = os.path.join(checkpoint_dir(run_dir), f"step-{meta['step']:08d}")

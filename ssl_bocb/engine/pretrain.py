@@ -16,21 +16,21 @@ from tqdm.auto import tqdm
 
 from .. import config as config_mod
 from ..analysis.plots import training_curves
-from ..data import build_dataset, pretrain_transform
+from ..data import build_dataset, order_seed, pretrain_transform
 from ..errors import UserError
-from ..losses import contrastive_loss
 from ..models import build_moco, export_backbone
-from ..optim import group_summary, optimizer_from_cfg
+from ..optim import group_summary, optimizer_from_cfg, record, resolve
 from ..optim import schedules
 from . import checkpoint as ckpt
 from . import logs
+from .step import StepSettings, moco_loss_fn, train_step
 
 log = logging.getLogger(__name__)
 
 
 def make_accelerator(train_cfg, seed: int = 0) -> Accelerator:
     """Accelerate decides the device; the seedable sampler makes each epoch's order a function of
-    (seed, epoch), so a resumed run continues the same permutation."""
+    (seed, epoch), so a resumed run continues the same permutation, and different seeds never share an order."""
     # Several processes on a machine with no accelerator (torchrun / accelerate launch --multi_gpu on a CPU box)
     # need Accelerate's CPU mode to form a gloo process group instead of running as independent copies.
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -39,7 +39,8 @@ def make_accelerator(train_cfg, seed: int = 0) -> Accelerator:
         AcceleratorState._reset_state(reset_partial_state=True)
     try:
         return Accelerator(mixed_precision=train_cfg.mixed_precision, cpu=cpu,
-                           dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed))
+                           dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True,
+                                                                     data_seed=order_seed(seed)))
     except ValueError as e:
         raise UserError(f"train.mixed_precision={train_cfg.mixed_precision} cannot run here ({e}); "
                         f"use bf16 or no on CPU") from None
@@ -103,9 +104,12 @@ def pretrain(cfg: DictConfig, name: str = "run") -> str:
                         "shard of the batch")
         else:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    lr = config_mod.scaled_lr(cfg.optim.base_lr, cfg.train.batch_size, cfg.optim.lr_scaling)
-    optimizer = optimizer_from_cfg(model, cfg.optim, lr)
+    resolved = resolve(cfg.optim)
+    settings = StepSettings.from_cfg(cfg.optim, resolved.entry, cfg.train.mixed_precision)
+    lr = config_mod.scaled_lr(resolved.base_lr, cfg.train.batch_size, resolved.lr_scaling)
+    optimizer = optimizer_from_cfg(model, cfg.optim, lr, resolved)
     groups = group_summary(optimizer.param_groups)
+    optimizer_record = record(optimizer, resolved, lr)
 
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     unwrapped = accelerator.unwrap_model(model)
@@ -115,11 +119,13 @@ def pretrain(cfg: DictConfig, name: str = "run") -> str:
     if warmup_steps > total_steps:
         log.warning("train.warmup_epochs=%g is longer than the run (%d epochs): the lr never reaches its peak",
                     cfg.train.warmup_epochs, cfg.train.epochs)
-    wd_end = cfg.optim.weight_decay if cfg.optim.weight_decay_end is None else cfg.optim.weight_decay_end
+    wd = resolved.weight_decay
+    wd_end = wd if cfg.optim.weight_decay_end is None else cfg.optim.weight_decay_end
     derived = dict(lr=lr, world_size=world, per_device_batch=per_device, steps_per_epoch=steps_per_epoch,
                    total_steps=total_steps, warmup_steps=warmup_steps, train_images=len(dataset),
-                   param_groups=[dict(name=n, tensors=t, params=p, weight_decay=w) for n, t, p, w in groups],
-                   backbone=unwrapped.backbone.ssl_bocb_spec)
+                   param_groups=[dict(name=n, tensors=t, params=p, weight_decay=w, trust_ratio=tr)
+                                 for n, t, p, w, tr in groups],
+                   optimizer=optimizer_record, backbone=unwrapped.backbone.ssl_bocb_spec)
 
     monitor = None
     if cfg.monitor.knn_every > 0:
@@ -127,6 +133,7 @@ def pretrain(cfg: DictConfig, name: str = "run") -> str:
         monitor = KnnMonitor(cfg, accelerator)
     step = 0
     if resume_path:
+        ckpt.check_same_optimizer(meta, derived, resume_path)
         ckpt.load_checkpoint(accelerator, resume_path)
         step = meta["step"]
 
@@ -142,11 +149,15 @@ def pretrain(cfg: DictConfig, name: str = "run") -> str:
     log.info("device %s x %d processes, mixed precision %s", accelerator.device, world, accelerator.mixed_precision)
     log.info("backbone %s (%d features), %d training images, global batch %d (%d per process)",
              cfg.model.backbone, unwrapped.backbone.num_features, len(dataset), cfg.train.batch_size, per_device)
-    log.info("optimizer %s: lr = %g (base_lr %g x %s scaling of batch %d), weight decay %g -> %g",
-             cfg.optim.name, lr, cfg.optim.base_lr, cfg.optim.lr_scaling, cfg.train.batch_size,
-             cfg.optim.weight_decay, wd_end)
-    for n, t, p, w in groups:
-        log.info("param group %-9s %4d tensors %11d params weight_decay %g", n, t, p, w)
+    log.info("optimizer %s (%s): lr = %g (base_lr %g x %s scaling of batch %d), weight decay %g -> %g; options %s",
+             resolved.entry.name, resolved.entry.source, lr, resolved.base_lr, resolved.lr_scaling,
+             cfg.train.batch_size, wd, wd_end, optimizer_record["options"])
+    for n, t, p, w, tr in groups:
+        log.info("param group %-16s %4d tensors %11d params weight_decay %g trust_ratio %s", n, t, p, w,
+                 tr if resolved.entry.trust_ratio else "n/a")
+    if settings.sam_rho > 0:
+        log.info("SAM%s rho %g: two forward / backward passes per step", " (adaptive)" if settings.sam_adaptive
+                 else "", settings.sam_rho)
     log.info("%d steps per epoch, %d total, %d warmup", steps_per_epoch, total_steps, warmup_steps)
     if resume_path:
         log.info("resumed from %s at step %d (epoch %d)", resume_path, step, step // steps_per_epoch)
@@ -162,7 +173,6 @@ def pretrain(cfg: DictConfig, name: str = "run") -> str:
                     config=config_mod.to_dict(cfg), derived=derived)
 
     params = [p for p in model.parameters() if p.requires_grad]
-    max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
     stop_at = cfg.train.stop_at_step or total_steps
     progress = None
     try:
@@ -180,20 +190,12 @@ def pretrain(cfg: DictConfig, name: str = "run") -> str:
             t_epoch = t_log = time.time()
             for (x1, x2), _, n_bad in batches:
                 lr_t = schedules.warmup_cosine(step, total_steps, warmup_steps, lr, lr * cfg.optim.min_lr_ratio)
-                wd_t = schedules.cosine(step, total_steps, cfg.optim.weight_decay, wd_end)
+                wd_t = schedules.cosine(step, total_steps, wd, wd_end)
                 m_t = schedules.momentum(step, total_steps, cfg.moco.momentum, cfg.moco.momentum_schedule)
                 schedules.set_group_values(optimizer, lr_t, wd_t)
                 unwrapped.update_momentum(m_t)  # EMA first, then the keys (MoCo v3 Alg. 1)
-                with accelerator.autocast():
-                    q1, q2 = model(x1, x2)
-                    k1 = unwrapped.forward_momentum(x1)
-                    k2 = unwrapped.forward_momentum(x2)
-                    loss = (contrastive_loss(q1.float(), k2.float(), cfg.moco.temperature)
-                            + contrastive_loss(q2.float(), k1.float(), cfg.moco.temperature))
-                optimizer.zero_grad(set_to_none=True)
-                accelerator.backward(loss)
-                grad_norm = accelerator.clip_grad_norm_(params, max_norm)
-                optimizer.step()
+                loss_fn = moco_loss_fn(model, unwrapped, accelerator, x1, x2, cfg.moco.temperature)
+                loss, grad_norm = train_step(model, optimizer, accelerator, params, loss_fn, settings)
                 step += 1
                 skipped += n_bad.sum()
                 loss_v = loss.item()

@@ -11,6 +11,7 @@ import time
 from typing import Dict
 
 import timm
+import timm.optim
 import torch
 import torch.nn.functional as F
 from accelerate.utils import set_seed
@@ -27,9 +28,10 @@ from ..data import build_dataset, eval_transform, norm_stats
 from ..engine import checkpoint as ckpt
 from ..engine import logs
 from ..engine import epoch_batches, make_accelerator
+from ..engine.step import StepSettings, train_step
 from ..errors import UserError
 from ..models import create_backbone
-from ..optim import build_optimizer, group_summary, param_groups, schedules
+from ..optim import build_optimizer, group_summary, param_groups, record, resolve, schedules
 from .features import load_eval_backbone
 from .linear import evaluate
 from .metrics import check_writable, result_path, write_metrics
@@ -59,20 +61,23 @@ def build_finetune_model(cfg, num_classes: int):
         raise UserError(f"{spec['timm_name']} does not take drop_path_rate ({e}); set finetune.drop_path=0") from None
     model.load_state_dict(backbone.state_dict())
     model.reset_classifier(num_classes)
+    if cfg.finetune.train_pos_embed and getattr(model, "pos_embed", None) is not None:
+        model.pos_embed.requires_grad_(True)  # DeiT-style transfer trains it, sin-cos init included
     return model, info
 
 
-def finetune_param_groups(model, optim_cfg, layer_decay: float, family: str):
+def finetune_param_groups(model, optim_cfg, weight_decay: float, layer_decay: float, family: str):
     if family == "vit" and layer_decay < 1.0:
-        groups = timm.optim.param_groups_layer_decay(model, weight_decay=optim_cfg.weight_decay,
+        # timm's layer-decay groups exclude ndim <= 1 tensors and no_weight_decay() names from decay
+        groups = timm.optim.param_groups_layer_decay(model, weight_decay=weight_decay,
                                                      no_weight_decay_list=model.no_weight_decay(),
                                                      layer_decay=layer_decay)
         for g in groups:
             g["wd_scale"] = 1.0 if g["weight_decay"] > 0 else 0.0
-            g["always_adapt"] = g["weight_decay"] > 0
+            g["trust_ratio"] = optim_cfg.trust_ratio_policy == "all" or all(p.ndim > 1 for p in g["params"])
             g["group_name"] = f"layer_scale_{g['lr_scale']:.3f}_{'decay' if g['weight_decay'] else 'no_decay'}"
         return groups
-    groups = param_groups(model, optim_cfg.weight_decay, optim_cfg.param_groups)
+    groups = param_groups(model, weight_decay, optim_cfg.weight_decay_policy, optim_cfg.trust_ratio_policy)
     for g in groups:
         g["lr_scale"] = 1.0
     return groups
@@ -112,12 +117,13 @@ def run_finetune(cfg) -> Dict:
                         f"finetune.batch_size")
     model, info = build_finetune_model(cfg, num_classes)
     family = model.ssl_bocb_spec["family"]
-    lr = scaled_lr(oc.base_lr, fc.batch_size, oc.lr_scaling)
-    groups = finetune_param_groups(model, oc, fc.layer_decay, family)
-    optimizer = build_optimizer(groups, oc.name, lr, oc.weight_decay, momentum=oc.momentum, nesterov=oc.nesterov,
-                                betas=list(oc.betas), eps=oc.eps, trust_coefficient=oc.trust_coefficient,
-                                trust_clip=oc.trust_clip, kwargs=dict(oc.kwargs))
+    resolved = resolve(oc, "finetune.optim")
+    settings = StepSettings.from_cfg(oc, resolved.entry, cfg.mixed_precision, "finetune.optim")
+    lr = scaled_lr(resolved.base_lr, fc.batch_size, resolved.lr_scaling)
+    groups = finetune_param_groups(model, oc, resolved.weight_decay, fc.layer_decay, family)
+    optimizer = build_optimizer(groups, resolved, lr)
     summary = group_summary(optimizer.param_groups)
+    optimizer_record = record(optimizer, resolved, lr)
     train_loader = DataLoader(train_ds, batch_size=per_device, shuffle=True, drop_last=True,
                               num_workers=cfg.data.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
     test_loader = DataLoader(test_ds, batch_size=max(per_device, 64), shuffle=False, num_workers=cfg.data.num_workers)
@@ -133,13 +139,16 @@ def run_finetune(cfg) -> Dict:
     steps_per_epoch = len(train_loader)
     total = fc.epochs * steps_per_epoch
     warmup = int(round(fc.warmup_epochs * steps_per_epoch))
-    wd_end = oc.weight_decay if oc.weight_decay_end is None else oc.weight_decay_end
+    wd = resolved.weight_decay
+    wd_end = wd if oc.weight_decay_end is None else oc.weight_decay_end
     derived = dict(lr=lr, world_size=world, per_device_batch=per_device, steps_per_epoch=steps_per_epoch,
                    total_steps=total, warmup_steps=warmup, num_classes=num_classes, train_images=len(train_ds),
                    test_images=len(test_ds), source=info,
-                   param_groups=[dict(name=n, tensors=t, params=p, weight_decay=w) for n, t, p, w in summary])
+                   param_groups=[dict(name=n, tensors=t, params=p, weight_decay=w, trust_ratio=tr)
+                                 for n, t, p, w, tr in summary], optimizer=optimizer_record)
     step = 0
     if resume_path:  # before anything is written: a checkpoint that does not fit fails cleanly
+        ckpt.check_same_optimizer(ckpt.read_meta(resume_path), derived, resume_path)
         step = ckpt.load_checkpoint(accelerator, resume_path)["step"]
     if accelerator.is_main_process:
         logs.claim_run_dir(out_dir, resuming, cfg.overwrite)
@@ -148,15 +157,15 @@ def run_finetune(cfg) -> Dict:
     logs.setup_logging(accelerator.is_main_process, os.path.join(out_dir, "train.log"))
     log.info("fine-tune %s (%s) on %s: %d classes, %d train / %d test images", info["backbone"], info["init"],
              cfg.data.name, num_classes, len(train_ds), len(test_ds))
-    log.info("optimizer %s lr %g (base %g), wd %g, %d epochs (%d warmup steps), layer decay %s", oc.name, lr,
-             oc.base_lr, oc.weight_decay, fc.epochs, warmup, fc.layer_decay if family == "vit" else "off (CNN)")
+    log.info("optimizer %s lr %g (base %g), wd %g, options %s, %d epochs (%d warmup steps), layer decay %s",
+             resolved.entry.name, lr, resolved.base_lr, wd, optimizer_record["options"], fc.epochs, warmup,
+             fc.layer_decay if family == "vit" else "off (CNN)")
 
     if resume_path:
         log.info("resumed from %s at step %d", resume_path, step)
     if accelerator.is_main_process:
         logs.truncate_jsonl(os.path.join(out_dir, "log.jsonl"), step)
     params = [p for p in model.parameters() if p.requires_grad]
-    max_norm = oc.grad_clip if oc.grad_clip > 0 else math.inf
     unwrapped = accelerator.unwrap_model(model)
     row = {}
     for epoch in range(step // steps_per_epoch, fc.epochs):
@@ -169,18 +178,18 @@ def run_finetune(cfg) -> Dict:
         t_epoch, loss_sum, grad_sum, n = time.time(), 0.0, 0.0, 0
         for x, y, _ in batches:
             lr_t = schedules.warmup_cosine(step, total, warmup, lr, lr * oc.min_lr_ratio)
-            wd_t = schedules.cosine(step, total, oc.weight_decay, wd_end)
+            wd_t = schedules.cosine(step, total, wd, wd_end)
             schedules.set_group_values(optimizer, lr_t, wd_t)
-            with accelerator.autocast():
+            if mixup is not None:
+                x, y_soft = mixup(x, y)
+
+            def loss_fn():
+                with accelerator.autocast():
+                    logits = model(x).float()
                 if mixup is not None:
-                    x, y_soft = mixup(x, y)
-                    loss = soft_ce(model(x).float(), y_soft)
-                else:
-                    loss = F.cross_entropy(model(x).float(), y, label_smoothing=fc.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            grad_norm = accelerator.clip_grad_norm_(params, max_norm)
-            optimizer.step()
+                    return soft_ce(logits, y_soft)
+                return F.cross_entropy(logits, y, label_smoothing=fc.label_smoothing)
+            loss, grad_norm = train_step(model, optimizer, accelerator, params, loss_fn, settings)
             step += 1
             if ema is not None:
                 ema.update(unwrapped, step=step)

@@ -1,10 +1,16 @@
-"""One rule for parameter groups: what gets weight decay (and the LARS / LAMB trust ratio)."""
+"""Parameter groups by two explicit policies: which tensors get weight decay, and which get the layer-wise trust
+ratio of LARS / LAMB. Both are logged with group sizes (nanoGPT's configure_optimizers habit)."""
 from typing import Dict, List, Tuple
 
 from torch import nn
 
-# Parameter names that never get weight decay under exclude_norm_bias (besides ndim <= 1 tensors).
-NO_DECAY_NAMES = ("cls_token", "pos_embed", "dist_token", "reg_token")
+# Names excluded from decay by `exclude_1d_tokens` besides ndim <= 1 tensors (and any no_weight_decay() name).
+TOKEN_NAMES = ("cls_token", "pos_embed", "dist_token", "reg_token")
+
+# weight decay on: every tensor (reference MoCo v3 AdamW) | tensors with ndim > 1 | those, less tokens / pos embed.
+DECAY_POLICIES = ("all", "exclude_1d", "exclude_1d_tokens")
+# trust ratio on: tensors with ndim > 1 (SPEC section 1, the MoCo v3 LARS) | every tensor.
+TRUST_POLICIES = ("exclude_1d", "all")
 
 
 def no_decay_names(model: nn.Module) -> set:
@@ -17,33 +23,43 @@ def no_decay_names(model: nn.Module) -> set:
     return names
 
 
-def param_groups(model: nn.Module, weight_decay: float, policy: str = "exclude_norm_bias") -> List[Dict]:
-    """Trainable parameters of ``model`` in optimizer groups.
+def _decayed(name: str, p, policy: str, listed: set) -> bool:
+    if policy == "all":
+        return True
+    if p.ndim <= 1:
+        return False
+    return policy == "exclude_1d" or not (name in listed or name.rsplit(".", 1)[-1] in TOKEN_NAMES)
 
-    exclude_norm_bias: tensors with ndim <= 1 (biases, norm scales), cls token and position embedding get no
-        weight decay and no trust ratio; everything else gets both.
-    decay_all: one group, every parameter decayed (the reference MoCo v3 AdamW behaviour).
 
-    Each group carries ``wd_scale`` (1 or 0, multiplied by the scheduled weight decay), ``always_adapt`` (read
-    by timm's LARS / LAMB: apply the trust ratio even at zero weight decay) and a ``group_name``.
+def param_groups(model: nn.Module, weight_decay: float, decay_policy: str = "exclude_1d_tokens",
+                 trust_policy: str = "exclude_1d") -> List[Dict]:
+    """Trainable parameters of ``model`` in up to four groups, one per (decayed, trust ratio) combination.
+
+    Each group carries ``weight_decay`` (0 where excluded), ``wd_scale`` (1 or 0: the scheduled weight decay is
+    multiplied by it), ``trust_ratio`` (read by :class:`~ssl_bocb.optim.layerwise.LARS` / ``LAMB``; other
+    optimizers ignore it) and ``group_name``.
     """
-    if policy not in ("exclude_norm_bias", "decay_all"):
-        raise ValueError(f"unknown parameter-group policy {policy!r}")
+    if decay_policy not in DECAY_POLICIES:
+        raise ValueError(f"unknown weight-decay policy {decay_policy!r}; choose one of {DECAY_POLICIES}")
+    if trust_policy not in TRUST_POLICIES:
+        raise ValueError(f"unknown trust-ratio policy {trust_policy!r}; choose one of {TRUST_POLICIES}")
     listed = no_decay_names(model)
-    decay, no_decay = [], []
+    buckets: Dict[Tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        excluded = p.ndim <= 1 or name in listed or name.rsplit(".", 1)[-1] in NO_DECAY_NAMES
-        (no_decay if policy == "exclude_norm_bias" and excluded else decay).append(p)
-    groups = [dict(params=decay, weight_decay=weight_decay, wd_scale=1.0, always_adapt=True, group_name="decay")]
-    if no_decay:
-        groups.append(dict(params=no_decay, weight_decay=0.0, wd_scale=0.0, always_adapt=False,
-                           group_name="no_decay"))
+        key = (_decayed(name, p, decay_policy, listed), trust_policy == "all" or p.ndim > 1)
+        buckets.setdefault(key, []).append(p)
+    groups = []
+    for (decay, trust) in [(True, True), (True, False), (False, True), (False, False)]:
+        if (decay, trust) in buckets:
+            groups.append(dict(params=buckets[(decay, trust)], weight_decay=weight_decay if decay else 0.0,
+                               wd_scale=1.0 if decay else 0.0, trust_ratio=trust,
+                               group_name=f"{'decay' if decay else 'no_decay'}{'+trust' if trust else ''}"))
     return groups
 
 
-def group_summary(groups: List[Dict]) -> List[Tuple[str, int, int, float]]:
-    """(group name, number of tensors, number of scalars, weight decay) per group, for logging."""
-    return [(g.get("group_name", str(i)), len(g["params"]), sum(p.numel() for p in g["params"]), g["weight_decay"])
-            for i, g in enumerate(groups)]
+def group_summary(groups: List[Dict]) -> List[Tuple[str, int, int, float, bool]]:
+    """(group name, number of tensors, number of scalars, weight decay, trust ratio) per group, for logging."""
+    return [(g.get("group_name", str(i)), len(g["params"]), sum(p.numel() for p in g["params"]), g["weight_decay"],
+             bool(g.get("trust_ratio", False))) for i, g in enumerate(groups)]

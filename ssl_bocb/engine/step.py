@@ -1,0 +1,89 @@
+"""One optimisation step, in small named pieces: the loss, Sophia's Hessian pass, SAM's second pass, clipping and
+the optimizer step. Pretraining and fine-tuning share it; each passes a closure that computes its loss."""
+import contextlib
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ..errors import UserError
+from ..losses import contrastive_loss
+from ..optim import clip_gradients, frozen_bn_stats, sam_perturb, sam_restore
+
+
+@dataclass
+class StepSettings:
+    clip_mode: str = "norm"
+    clip: float = 0.0
+    sam_rho: float = 0.0
+    sam_adaptive: bool = False
+    hessian: bool = False       # the optimizer reads a Hessian estimate from the gradients' graph (Sophia)
+
+    @classmethod
+    def from_cfg(cls, optim_cfg, entry, mixed_precision: str, where: str = "optim") -> "StepSettings":
+        if entry.hessian and mixed_precision == "fp16":
+            raise UserError(f"{where}.name={entry.name} estimates the Hessian from the gradients, which fp16 loss "
+                            f"scaling distorts; use mixed precision bf16 or no")
+        if entry.hessian and optim_cfg.sam.rho > 0:
+            raise UserError(f"{where}.name={entry.name} with SAM ({where}.sam.rho > 0) is not supported; choose one")
+        return cls(optim_cfg.grad_clip_mode, optim_cfg.grad_clip, optim_cfg.sam.rho, optim_cfg.sam.adaptive,
+                   entry.hessian)
+
+
+def moco_loss_fn(model, unwrapped, accelerator, x1, x2, temperature: float) -> Callable[[], torch.Tensor]:
+    """Closure of the symmetric MoCo v3 loss ctr(q1, k2) + ctr(q2, k1): encoders under autocast, the loss in
+    fp32. The keys come from the momentum encoder on the first call and are reused after (SAM's second pass: the
+    momentum encoder is not perturbed)."""
+    keys = []
+
+    def loss_fn():
+        with accelerator.autocast():
+            q1, q2 = model(x1, x2)
+            if not keys:
+                keys.extend((unwrapped.forward_momentum(x1), unwrapped.forward_momentum(x2)))
+        k1, k2 = keys
+        return contrastive_loss(q1, k2, temperature) + contrastive_loss(q2, k1, temperature)
+    return loss_fn
+
+
+def hessian_due(optimizer, settings: StepSettings) -> bool:
+    """True when the optimizer updates its Hessian estimate at this step (SophiaH: every update_period steps of
+    its own counter, so fp16 skips or a resume cannot shift it)."""
+    if not settings.hessian:
+        return False
+    inner = getattr(optimizer, "optimizer", optimizer)
+    done = inner.param_groups[0].get("step", 0)
+    return int(done) % getattr(inner, "update_period", 1) == 0
+
+
+def train_step(model: nn.Module, optimizer, accelerator, params, loss_fn: Callable[[], torch.Tensor],
+               settings: StepSettings):
+    """One optimisation step; returns (loss at the current weights, gradient norm before clipping) as tensors."""
+    double = hessian_due(optimizer, settings)
+    # the fused attention kernels have no double backward; the math kernel has
+    with sdpa_kernel(SDPBackend.MATH) if double else contextlib.nullcontext():
+        loss = loss_fn()
+    optimizer.zero_grad(set_to_none=True)
+    with warnings.catch_warnings():
+        # create_graph's note on a grad <-> parameter reference cycle: zero_grad(set_to_none) breaks it every step
+        warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
+        accelerator.backward(loss, create_graph=double)
+    if settings.sam_rho > 0:
+        sam_second_pass(model, optimizer, accelerator, params, loss_fn, settings)
+    grad_norm = clip_gradients(accelerator, optimizer, params, settings.clip_mode, settings.clip)
+    optimizer.step()
+    return loss.detach(), grad_norm
+
+
+def sam_second_pass(model, optimizer, accelerator, params, loss_fn, settings: StepSettings) -> None:
+    """SAM: the gradient at w + e replaces the gradient at w; the weights return to w before the step, and BN
+    running statistics are not updated a second time."""
+    perturbation = sam_perturb(params, settings.sam_rho, settings.sam_adaptive)
+    optimizer.zero_grad(set_to_none=True)
+    with frozen_bn_stats(model):
+        loss = loss_fn()
+    accelerator.backward(loss)
+    sam_restore(params, perturbation)
