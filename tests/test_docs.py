@@ -35,3 +35,11 @@ def test_every_eval_key_is_in_the_readme():
     missing = [k for k in keys if f"`{k}`" not in text]
     assert not missing, missing
     assert "`finetune.optim.*`" in text
+
+
+def test_readme_holds_the_optimizer_table_as_the_tool_prints_it():
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, os.path.join(REPO, "tools", "optimizers.py"), "--markdown"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert out.count("\n") >= 26 and out in readme()

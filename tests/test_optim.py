@@ -341,3 +341,17 @@ def test_lr_scaling_rules():
     assert config.scaled_lr(0.3, 512, "linear") == pytest.approx(0.6)
     assert config.scaled_lr(0.3, 1024, "sqrt") == pytest.approx(0.6)
     assert config.scaled_lr(0.3, 1024, "none") == pytest.approx(0.3)
+
+
+def test_a_bf16_optimizer_on_a_cpu_without_native_bf16_is_warned(caplog, monkeypatch):
+    from ssl_bocb.optim import registry
+    monkeypatch.setattr(registry, "cpu_has_native_bf16", lambda: False)
+    with caplog.at_level(logging.WARNING):
+        create_optimizer(nn.Linear(4, 3), "muon", 1e-3)
+        create_optimizer(nn.Linear(4, 3), "adamw", 1e-3)
+    assert caplog.text.count("which this CPU emulates") == 1 and "muon computes in bf16" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(registry, "cpu_has_native_bf16", lambda: True)
+    with caplog.at_level(logging.WARNING):
+        create_optimizer(nn.Linear(4, 3), "muon", 1e-3)
+    assert "emulates" not in caplog.text

@@ -8,7 +8,9 @@ Each model gets a real forward / backward on a small random batch before every s
 has a graph to differentiate), and only ``optimizer.step()`` is timed; the step time is the mean over ``--steps``
 steps after ``--warmup`` (Sophia's Hutchinson pass, every 10 steps, is amortised into its mean; the median shows
 the plain step). State memory is the bytes of every tensor in ``optimizer.state`` after the steps, also shown per
-parameter of the model. Writes ``<out>.json`` and ``<out>.md``.
+parameter of the model. Writes ``<out>.json`` and ``<out>.md``. Kron compiles its kernels with torch.compile for
+each tensor shape during the warm-up steps (minutes on a CPU); Muon orthogonalises in bf16, which a CPU without
+native bf16 emulates (tens of times slower).
 """
 import argparse
 import json
@@ -23,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
+from ssl_bocb.engine.step import hessian_pass  # noqa: E402
 from ssl_bocb.errors import UserError, cli_main  # noqa: E402
 from ssl_bocb.models import create_backbone  # noqa: E402
 from ssl_bocb.optim import TABLE, get_entry, param_groups  # noqa: E402
@@ -56,10 +59,12 @@ def bench_one(model_key: str, opt_name: str, steps: int, warmup: int, batch: int
     times = []
     for i in range(warmup + steps):
         opt.zero_grad(set_to_none=True)
-        loss = model(x).pow(2).mean()
+        double = entry.hessian and i % 10 == 0   # SophiaH's update_period
+        with hessian_pass(double):
+            loss = model(x).pow(2).mean()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            loss.backward(create_graph=entry.hessian and i % 10 == 0)
+            loss.backward(create_graph=double)
         t = time.perf_counter()
         opt.step()
         if i >= warmup:

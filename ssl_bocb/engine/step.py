@@ -59,12 +59,17 @@ def hessian_due(optimizer, settings: StepSettings) -> bool:
     return int(done) % getattr(inner, "update_period", 1) == 0
 
 
+def hessian_pass(double: bool):
+    """Context for a forward whose gradients will be differentiated again: the fused attention kernels have no
+    double backward, the math kernel has."""
+    return sdpa_kernel(SDPBackend.MATH) if double else contextlib.nullcontext()
+
+
 def train_step(model: nn.Module, optimizer, accelerator, params, loss_fn: Callable[[], torch.Tensor],
                settings: StepSettings):
     """One optimisation step; returns (loss at the current weights, gradient norm before clipping) as tensors."""
     double = hessian_due(optimizer, settings)
-    # the fused attention kernels have no double backward; the math kernel has
-    with sdpa_kernel(SDPBackend.MATH) if double else contextlib.nullcontext():
+    with hessian_pass(double):
         loss = loss_fn()
     optimizer.zero_grad(set_to_none=True)
     with warnings.catch_warnings():

@@ -68,6 +68,7 @@ class Entry:
     lr_scaling: str = "linear"
     trust_ratio: bool = False
     hessian: bool = False          # needs backward(create_graph=True) on its Hessian-update steps
+    bf16_inside: bool = False      # computes in bf16 internally, whatever the parameters' dtype
     notes: str = ""
 
     def kwarg(self, option: str) -> str:
@@ -130,8 +131,9 @@ TABLE: Dict[str, Entry] = {e.name: e for e in [
     Entry("muon", "Muon", "new", "timm.optim.Muon", 1.5e-4, 0.1,
           dict(momentum=0.95, nesterov=False, betas=(0.9, 0.95), eps=1e-7), "decoupled",
           "AdamW's MoCo v3 lr / wd (lr matched to AdamW's update RMS, Moonlight)",
-          notes="Newton-Schulz orthogonalised momentum for ndim >= 2 tensors (convs flattened); AdamW with the "
-                "betas for ndim < 2 tensors"),
+          bf16_inside=True,
+          notes="Newton-Schulz orthogonalised momentum for ndim >= 2 tensors (convs flattened), in bf16 (timm); "
+                "AdamW with the betas for ndim < 2 tensors"),
     Entry("adopt", "ADOPT", "new", "timm.optim.Adopt", 1.5e-4, 0.1, dict(betas=(0.9, 0.9999), eps=1e-6),
           "decoupled", "AdamW's MoCo v3 lr / wd (ADOPT paper: Adam's lr)", fixed=dict(decoupled=True)),
     Entry("mars", "MARS", "new", "timm.optim.Mars", 7.5e-4, 0.1, dict(betas=(0.9, 0.99), eps=1e-8), "decoupled",
@@ -144,6 +146,16 @@ TABLE: Dict[str, Entry] = {e.name: e for e in [
           fixed=dict(decoupled_decay=True, deterministic=True),
           notes="Kronecker-factored preconditioner, update probability annealed 1 -> 0.03 (timm schedule)"),
 ]}
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU runs bf16 matrix products natively (AVX-512 BF16 or AMX); False where unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags))
 
 
 def valid_names() -> List[str]:
@@ -274,6 +286,11 @@ def build_optimizer(groups: List[Dict], resolved: Resolved, lr: float) -> torch.
     except ImportError as err:
         raise UserError(f"optimizer {e.name} needs {e.source.split('.')[0]} ({err}); pip install "
                         f"pytorch-optimizer") from None
+    if e.bf16_inside and any(p.device.type == "cpu" for g in groups for p in g["params"]) \
+            and not cpu_has_native_bf16():
+        log.warning("%s computes in bf16 (%s), which this CPU emulates (no avx512_bf16 / amx_bf16): each step is "
+                    "tens of times slower than in fp32 here; run it on a GPU or a CPU with native bf16", e.name,
+                    e.source)
     try:
         return cls(groups, lr=lr, weight_decay=resolved.weight_decay, **ctor)
     except TypeError as err:
