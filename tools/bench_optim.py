@@ -38,13 +38,22 @@ MODELS = {
 
 
 def state_bytes(optimizer) -> int:
-    total, seen = 0, set()
-    for state in optimizer.state.values():
-        for v in state.values():
-            if torch.is_tensor(v) and v.data_ptr() not in seen:
-                seen.add(v.data_ptr())
-                total += v.numel() * v.element_size()
-    return total
+    """Bytes of every tensor in the optimizer state, inside lists and dicts too (Kron keeps its preconditioner
+    factors in a list), each storage counted once."""
+    seen = set()
+
+    def walk(v):
+        if torch.is_tensor(v):
+            if v.data_ptr() in seen:
+                return 0
+            seen.add(v.data_ptr())
+            return v.numel() * v.element_size()
+        if isinstance(v, dict):
+            return sum(walk(x) for x in v.values())
+        if isinstance(v, (list, tuple)):
+            return sum(walk(x) for x in v)
+        return 0
+    return sum(walk(state) for state in optimizer.state.values())
 
 
 def bench_one(model_key: str, opt_name: str, steps: int, warmup: int, batch: int):
