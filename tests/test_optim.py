@@ -102,10 +102,9 @@ def test_every_option_reaches_every_entry(name):
                       + [f"optim.{k}={list(v) if isinstance(v, tuple) else v}" for k, v in given.items()])
     resolved = resolve(cfg.optim)
     opt = create_optimizer(nn.Linear(4, 3), name, 0.01, 0.02, **given)
-    for opt_from in (opt, ):
-        for key, value in given.items():
-            got = opt_from.param_groups[0][e.kwarg(key)]
-            assert (tuple(got) if isinstance(got, (list, tuple)) else got) == value, key
+    for key, value in given.items():
+        got = opt.param_groups[0][e.kwarg(key)]
+        assert (tuple(got) if isinstance(got, (list, tuple)) else got) == value, key
     rec = record(opt, resolved, 0.01)
     assert rec["options"] == {e.kwarg(k): list(v) if isinstance(v, tuple) else v for k, v in given.items()} | \
         {k: v for k, v in rec["options"].items() if k in e.fixed}

@@ -123,8 +123,7 @@ def pretrain(cfg: DictConfig, name: str = "run") -> str:
     wd_end = wd if cfg.optim.weight_decay_end is None else cfg.optim.weight_decay_end
     derived = dict(lr=lr, world_size=world, per_device_batch=per_device, steps_per_epoch=steps_per_epoch,
                    total_steps=total_steps, warmup_steps=warmup_steps, train_images=len(dataset),
-                   param_groups=[dict(name=n, tensors=t, params=p, weight_decay=w, trust_ratio=tr)
-                                 for n, t, p, w, tr in groups],
+                   param_groups=groups,
                    optimizer=optimizer_record, backbone=unwrapped.backbone.ssl_bocb_spec)
 
     monitor = None
@@ -152,9 +151,9 @@ def pretrain(cfg: DictConfig, name: str = "run") -> str:
     log.info("optimizer %s (%s): lr = %g (base_lr %g x %s scaling of batch %d), weight decay %g -> %g; options %s",
              resolved.entry.name, resolved.entry.source, lr, resolved.base_lr, resolved.lr_scaling,
              cfg.train.batch_size, wd, wd_end, optimizer_record["options"])
-    for n, t, p, w, tr in groups:
-        log.info("param group %-16s %4d tensors %11d params weight_decay %g trust_ratio %s", n, t, p, w,
-                 tr if resolved.entry.trust_ratio else "n/a")
+    for g in groups:
+        log.info("param group %-16s %4d tensors %11d params weight_decay %g trust_ratio %s", g["name"], g["tensors"],
+                 g["params"], g["weight_decay"], g["trust_ratio"] if resolved.entry.trust_ratio else "n/a")
     if settings.sam_rho > 0:
         log.info("SAM%s rho %g: two forward / backward passes per step", " (adaptive)" if settings.sam_adaptive
                  else "", settings.sam_rho)

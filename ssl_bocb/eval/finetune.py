@@ -144,8 +144,7 @@ def run_finetune(cfg) -> Dict:
     derived = dict(lr=lr, world_size=world, per_device_batch=per_device, steps_per_epoch=steps_per_epoch,
                    total_steps=total, warmup_steps=warmup, num_classes=num_classes, train_images=len(train_ds),
                    test_images=len(test_ds), source=info,
-                   param_groups=[dict(name=n, tensors=t, params=p, weight_decay=w, trust_ratio=tr)
-                                 for n, t, p, w, tr in summary], optimizer=optimizer_record)
+                   param_groups=summary, optimizer=optimizer_record)
     step = 0
     if resume_path:  # before anything is written: a checkpoint that does not fit fails cleanly
         ckpt.check_same_optimizer(ckpt.read_meta(resume_path), derived, resume_path)

@@ -59,7 +59,8 @@ def param_groups(model: nn.Module, weight_decay: float, decay_policy: str = "exc
     return groups
 
 
-def group_summary(groups: List[Dict]) -> List[Tuple[str, int, int, float, bool]]:
-    """(group name, number of tensors, number of scalars, weight decay, trust ratio) per group, for logging."""
-    return [(g.get("group_name", str(i)), len(g["params"]), sum(p.numel() for p in g["params"]), g["weight_decay"],
-             bool(g.get("trust_ratio", False))) for i, g in enumerate(groups)]
+def group_summary(groups: List[Dict]) -> List[Dict]:
+    """Per group: name, number of tensors, number of scalars, weight decay, trust ratio (logs, config.yaml)."""
+    return [dict(name=g.get("group_name", str(i)), tensors=len(g["params"]), params=sum(p.numel() for p in g["params"]),
+                 weight_decay=g["weight_decay"], trust_ratio=bool(g.get("trust_ratio", False)))
+            for i, g in enumerate(groups)]
