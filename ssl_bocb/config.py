@@ -70,6 +70,15 @@ class ModelConfig:
     frozen_patch_embed: bool = False
     # ViT only: position embedding: sincos (fixed 2D, MoCo v3) | learned (timm's) | none.
     pos_embed: str = "sincos"
+    # ViT only: token (class token, final LayerNorm) | avg (global average pooling of the patch tokens, with no
+    # class token and no final LayerNorm: the MoCo v3 ablation found the norm must go with the class token).
+    pool: str = "token"
+    # ViT only: the norm before each block's MLP: layernorm | batchnorm (MoCo v3 ablation, about +1 point; the
+    # norm before attention stays LayerNorm).
+    mlp_norm: str = "layernorm"
+    # ViT only: a norm on the patch projection: none | batchnorm (over its output channels) | weightnorm (on its
+    # weight). MoCo v3 found neither removes the instability that freezing it removes.
+    patch_norm: str = "none"
     # ViT only: MoCo v3 initialisation (qkv split xavier, xavier Linear, cls token N(0, 1e-6), patch proj).
     moco_init: bool = True
     # ResNet: zero-init the last BN gamma of each residual block (MoCo v3 / Goyal et al. 2017).
@@ -96,7 +105,8 @@ class ModelConfig:
 class MocoConfig:
     # Softmax temperature tau: 0.2 ViT, 1.0 ResNet-50 in the published recipes.
     temperature: float = 0.2
-    # Momentum-encoder EMA coefficient m0 (0.99 best in the paper, 0.996 for long ResNet runs).
+    # Momentum-encoder EMA coefficient m0 (0.99 best in the paper, 0.996 for long ResNet runs). 0 = the m = 0
+    # ablation: no momentum encoder; keys are the base encoder's projector outputs under stop-gradient.
     momentum: float = 0.99
     # cosine: m goes from m0 to 1 over training (published recipes) | constant.
     momentum_schedule: str = "cosine"
@@ -145,7 +155,8 @@ class OptimConfig:
     min_lr_ratio: float = 0.0
     # Weight decay at the end of training (cosine from weight_decay); null = constant.
     weight_decay_end: Optional[float] = None
-    # Gradient clipping: norm (global L2 norm <= grad_clip) | agc (NFNets unit-wise ||g|| / ||w|| <= grad_clip).
+    # Gradient clipping: norm (global L2 norm <= grad_clip) | first_layer (only the first layer's gradient norm
+    # <= grad_clip: a ViT's patch projection, a CNN's first conv) | agc (NFNets unit-wise ||g|| / ||w|| <= grad_clip).
     grad_clip_mode: str = "norm"
     # Clipping threshold (max norm, or AGC lambda such as 0.01-0.16); 0 = off.
     grad_clip: float = 0.0
@@ -298,11 +309,14 @@ class EvalConfig:
 CHOICES = {
     "data.name": DATASETS,
     "model.pos_embed": ("sincos", "learned", "none"),
+    "model.pool": ("token", "avg"),
+    "model.mlp_norm": ("layernorm", "batchnorm"),
+    "model.patch_norm": ("none", "batchnorm", "weightnorm"),
     "moco.momentum_schedule": ("cosine", "constant"),
     "optim.lr_scaling": ("linear", "sqrt", "none"),
     "optim.weight_decay_policy": ("all", "exclude_1d", "exclude_1d_tokens"),
     "optim.trust_ratio_policy": ("exclude_1d", "all"),
-    "optim.grad_clip_mode": ("norm", "agc"),
+    "optim.grad_clip_mode": ("norm", "first_layer", "agc"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
     "mixed_precision": ("no", "bf16", "fp16"),
     "knn.backend": ("auto", "faiss", "torch"),
@@ -310,7 +324,7 @@ CHOICES = {
     "finetune.optim.lr_scaling": ("linear", "sqrt", "none"),
     "finetune.optim.weight_decay_policy": ("all", "exclude_1d", "exclude_1d_tokens"),
     "finetune.optim.trust_ratio_policy": ("exclude_1d", "all"),
-    "finetune.optim.grad_clip_mode": ("norm", "agc"),
+    "finetune.optim.grad_clip_mode": ("norm", "first_layer", "agc"),
 }
 # Keys that must be > 0 and >= 0.
 POSITIVE = ("train.epochs", "train.batch_size", "optim.base_lr", "moco.temperature", "data.image_size",
@@ -322,7 +336,7 @@ NON_NEGATIVE = ("optim.weight_decay", "train.warmup_epochs", "data.subset", "dat
                 "monitor.knn_every", "test_subset", "linear.weight_decay", "finetune.warmup_epochs",
                 "finetune.optim.weight_decay", "finetune.drop_path", "finetune.label_smoothing", "finetune.mixup",
                 "finetune.cutmix", "finetune.mixup_prob", "finetune.ema_decay", "optim.sam.rho", "finetune.optim.sam.rho",
-                "optim.momentum", "finetune.optim.momentum", "optim.trust_coefficient",
+                "optim.momentum", "finetune.optim.momentum", "moco.momentum", "optim.trust_coefficient",
                 "finetune.optim.weight_decay_end", "optim.weight_decay_end", "finetune.optim.grad_clip")
 
 # Free-form mappings inside the schema (any key allowed).

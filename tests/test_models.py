@@ -55,7 +55,7 @@ def test_frozen_patch_projection_unchanged_and_not_in_optimizer():
     for _ in range(3):
         x1, x2 = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
         model.update_momentum(0.9)
-        q1, q2 = model(x1, x2)
+        q1, q2, _, _ = model(x1, x2)
         loss = symmetric_loss(q1, q2, model.forward_momentum(x1), model.forward_momentum(x2), 0.2)
         opt.zero_grad()
         loss.backward()

@@ -61,6 +61,9 @@ def check_same_model(meta: dict, model_cfg: dict, path: str) -> None:
     saved = meta.get("config", {}).get("model")
     if saved is None:
         raise UserError(f"'{path}' is not an ssl_bocb pretraining checkpoint (meta.json has no model config)")
+    from ..config import ModelConfig, to_dict
+    from omegaconf import OmegaConf
+    saved = {**to_dict(OmegaConf.structured(ModelConfig)), **saved}  # keys added since then take their defaults
     diff = sorted(k for k in set(saved) | set(model_cfg) if saved.get(k) != model_cfg.get(k))
     if diff:
         pairs = ", ".join(f"model.{k}: checkpoint {saved.get(k)!r} vs config {model_cfg.get(k)!r}" for k in diff)

@@ -39,6 +39,22 @@ def claim_run_dir(path: str, resuming: bool, overwrite: bool) -> None:
     os.makedirs(path, exist_ok=True)
 
 
+# What a run writes before its first checkpoint; a restart (resume=auto with no checkpoint) removes them.
+RUN_LOGS = ("log.jsonl", "steps.jsonl", "tb", "train.log", "curves.png", "config.yaml")
+
+
+def clear_run_logs(path: str) -> None:
+    """Remove the logs of a run that never reached a checkpoint, so its restart keeps nothing stale. Main process."""
+    import shutil
+    for name in RUN_LOGS:
+        target = os.path.join(path, name)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        elif os.path.exists(target):
+            os.remove(target)
+    shutil.rmtree(os.path.join(path, "checkpoints"), ignore_errors=True)  # only *.tmp leftovers can be there
+
+
 def setup_logging(is_main: bool, log_file: str = None) -> None:
     root = logging.getLogger()
     root.setLevel(logging.INFO if is_main else logging.WARNING)

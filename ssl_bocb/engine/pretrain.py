@@ -74,7 +74,12 @@ def pretrain(cfg: DictConfig, name: str = "run") -> str:
     run_dir = broadcast_object_list([run_dir])[0] if accelerator.num_processes > 1 else run_dir
     logs.setup_logging(accelerator.is_main_process)
     resuming = resume_path is not None
-    logs.check_run_dir(run_dir, resuming, cfg.overwrite)
+    # resume=auto on a folder killed before its first checkpoint: nothing to continue, so start it again there
+    restart = cfg.resume == "auto" and not resuming and logs.holds_run(run_dir)
+    if restart and os.path.exists(os.path.join(run_dir, "backbone.safetensors")):
+        raise UserError(f"'{run_dir}' holds a finished export but no checkpoint to continue from; choose another "
+                        f"output_dir or pass overwrite=true (without resume) to move it aside")
+    logs.check_run_dir(run_dir, resuming or restart, cfg.overwrite)
     meta = None
     if resume_path:
         meta = ckpt.read_meta(resume_path)
@@ -97,7 +102,7 @@ def pretrain(cfg: DictConfig, name: str = "run") -> str:
                         num_workers=cfg.data.num_workers, pin_memory=accelerator.device.type == "cuda",
                         generator=torch.Generator().manual_seed(cfg.seed))
 
-    model = build_moco(cfg.model)
+    model = build_moco(cfg.model, momentum_encoder=cfg.moco.momentum > 0)
     if world > 1 and cfg.train.sync_bn:
         if accelerator.device.type == "cpu":
             log.warning("SyncBatchNorm needs GPU processes (torch DDP); on CPU each process normalises its own "
@@ -105,7 +110,7 @@ def pretrain(cfg: DictConfig, name: str = "run") -> str:
         else:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     resolved = resolve(cfg.optim)
-    settings = StepSettings.from_cfg(cfg.optim, resolved.entry, cfg.train.mixed_precision)
+    settings = StepSettings.from_cfg(cfg.optim, resolved.entry, cfg.train.mixed_precision, backbone=model.backbone)
     lr = config_mod.scaled_lr(resolved.base_lr, cfg.train.batch_size, resolved.lr_scaling)
     optimizer = optimizer_from_cfg(model, cfg.optim, lr, resolved)
     groups = group_summary(optimizer.param_groups)
@@ -138,7 +143,9 @@ def pretrain(cfg: DictConfig, name: str = "run") -> str:
 
     # nothing is written before this point: bad input fails without touching any folder
     if accelerator.is_main_process:
-        logs.claim_run_dir(run_dir, resuming, cfg.overwrite)
+        logs.claim_run_dir(run_dir, resuming or restart, cfg.overwrite)
+        if restart:
+            logs.clear_run_logs(run_dir)
     accelerator.wait_for_everyone()
     logs.setup_logging(accelerator.is_main_process, os.path.join(run_dir, "train.log"))
     if accelerator.is_main_process:
@@ -157,9 +164,16 @@ def pretrain(cfg: DictConfig, name: str = "run") -> str:
     if settings.sam_rho > 0:
         log.info("SAM%s rho %g: two forward / backward passes per step", " (adaptive)" if settings.sam_adaptive
                  else "", settings.sam_rho)
+    if not unwrapped.has_momentum_encoder:
+        log.info("moco.momentum=0: no momentum encoder; keys are the base encoder's projector outputs, stop-gradient")
+    if settings.first_layer:
+        log.info("gradient clipping: the first layer only (%d tensors), norm <= %g", len(settings.first_layer),
+                 settings.clip)
     log.info("%d steps per epoch, %d total, %d warmup", steps_per_epoch, total_steps, warmup_steps)
     if resume_path:
         log.info("resumed from %s at step %d (epoch %d)", resume_path, step, step // steps_per_epoch)
+    elif restart:
+        log.info("resume=auto found no checkpoint in %s: started again from step 0 (earlier logs cleared)", run_dir)
 
     if accelerator.is_main_process:
         for f in ("log.jsonl", "steps.jsonl"):
@@ -190,7 +204,8 @@ def pretrain(cfg: DictConfig, name: str = "run") -> str:
             for (x1, x2), _, n_bad in batches:
                 lr_t = schedules.warmup_cosine(step, total_steps, warmup_steps, lr, lr * cfg.optim.min_lr_ratio)
                 wd_t = schedules.cosine(step, total_steps, wd, wd_end)
-                m_t = schedules.momentum(step, total_steps, cfg.moco.momentum, cfg.moco.momentum_schedule)
+                m_t = (schedules.momentum(step, total_steps, cfg.moco.momentum, cfg.moco.momentum_schedule)
+                       if unwrapped.has_momentum_encoder else 0.0)
                 schedules.set_group_values(optimizer, lr_t, wd_t)
                 unwrapped.update_momentum(m_t)  # EMA first, then the keys (MoCo v3 Alg. 1)
                 loss_fn = moco_loss_fn(model, unwrapped, accelerator, x1, x2, cfg.moco.temperature)

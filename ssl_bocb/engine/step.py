@@ -3,7 +3,7 @@ the optimizer step. Pretraining and fine-tuning share it; each passes a closure 
 import contextlib
 import warnings
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, List, Optional
 
 import torch
 from torch import nn
@@ -21,29 +21,41 @@ class StepSettings:
     sam_rho: float = 0.0
     sam_adaptive: bool = False
     hessian: bool = False       # the optimizer reads a Hessian estimate from the gradients' graph (Sophia)
+    first_layer: Optional[List[torch.Tensor]] = None  # what clip_mode=first_layer clips
 
     @classmethod
-    def from_cfg(cls, optim_cfg, entry, mixed_precision: str, where: str = "optim") -> "StepSettings":
+    def from_cfg(cls, optim_cfg, entry, mixed_precision: str, where: str = "optim",
+                 backbone: Optional[nn.Module] = None) -> "StepSettings":
         if entry.hessian and mixed_precision == "fp16":
             raise UserError(f"{where}.name={entry.name} estimates the Hessian from the gradients, which fp16 loss "
                             f"scaling distorts; use mixed precision bf16 or no")
         if entry.hessian and optim_cfg.sam.rho > 0:
             raise UserError(f"{where}.name={entry.name} with SAM ({where}.sam.rho > 0) is not supported; choose one")
+        first = None
+        if optim_cfg.grad_clip_mode == "first_layer" and optim_cfg.grad_clip > 0:
+            from ..models.backbones import first_layer_parameters
+            first = first_layer_parameters(backbone)
+            if not first:
+                raise UserError(f"{where}.grad_clip_mode=first_layer clips the first layer (the patch projection), "
+                                f"which is frozen here (model.frozen_patch_embed=true); choose one of the two")
         return cls(optim_cfg.grad_clip_mode, optim_cfg.grad_clip, optim_cfg.sam.rho, optim_cfg.sam.adaptive,
-                   entry.hessian)
+                   entry.hessian, first)
 
 
 def moco_loss_fn(model, unwrapped, accelerator, x1, x2, temperature: float) -> Callable[[], torch.Tensor]:
     """Closure of the symmetric MoCo v3 loss ctr(q1, k2) + ctr(q2, k1): encoders under autocast, the loss in
-    fp32. The keys come from the momentum encoder on the first call and are reused after (SAM's second pass: the
-    momentum encoder is not perturbed)."""
+    fp32. The keys come from the momentum encoder (without one, m = 0: the base encoder's projector outputs under
+    stop-gradient) on the first call and are reused after (SAM's second pass: the keys are not perturbed)."""
     keys = []
 
     def loss_fn():
         with accelerator.autocast():
-            q1, q2 = model(x1, x2)
+            q1, q2, z1, z2 = model(x1, x2)
             if not keys:
-                keys.extend((unwrapped.forward_momentum(x1), unwrapped.forward_momentum(x2)))
+                if unwrapped.has_momentum_encoder:
+                    keys.extend((unwrapped.forward_momentum(x1), unwrapped.forward_momentum(x2)))
+                else:
+                    keys.extend((z1.detach(), z2.detach()))
         k1, k2 = keys
         return contrastive_loss(q1, k2, temperature) + contrastive_loss(q2, k1, temperature)
     return loss_fn
@@ -78,7 +90,8 @@ def train_step(model: nn.Module, optimizer, accelerator, params, loss_fn: Callab
         accelerator.backward(loss, create_graph=double)
     if settings.sam_rho > 0:
         sam_second_pass(model, optimizer, accelerator, params, loss_fn, settings)
-    grad_norm = clip_gradients(accelerator, optimizer, params, settings.clip_mode, settings.clip)
+    grad_norm = clip_gradients(accelerator, optimizer, params, settings.clip_mode, settings.clip,
+                               settings.first_layer)
     optimizer.step()
     return loss.detach(), grad_norm
 

@@ -30,7 +30,7 @@ from ..engine import logs
 from ..engine import epoch_batches, make_accelerator
 from ..engine.step import StepSettings, train_step
 from ..errors import UserError
-from ..models import create_backbone
+from ..models.backbones import create_from_spec
 from ..optim import build_optimizer, group_summary, param_groups, record, resolve, schedules
 from .features import load_eval_backbone
 from .linear import evaluate
@@ -54,9 +54,7 @@ def build_finetune_model(cfg, num_classes: int):
     if cfg.finetune.drop_path > 0:
         kwargs["drop_path_rate"] = cfg.finetune.drop_path
     try:
-        model = create_backbone(spec["timm_name"], cifar_stem=spec["cifar_stem"], frozen_patch_embed=False,
-                                pos_embed=spec.get("pos_embed") or "learned", moco_init=False,
-                                zero_init_residual=False, **kwargs)
+        model = create_from_spec(dict(spec, frozen_patch_embed=False, timm_kwargs=kwargs))
     except TypeError as e:
         raise UserError(f"{spec['timm_name']} does not take drop_path_rate ({e}); set finetune.drop_path=0") from None
     model.load_state_dict(backbone.state_dict())
@@ -118,7 +116,7 @@ def run_finetune(cfg) -> Dict:
     model, info = build_finetune_model(cfg, num_classes)
     family = model.ssl_bocb_spec["family"]
     resolved = resolve(oc, "finetune.optim")
-    settings = StepSettings.from_cfg(oc, resolved.entry, cfg.mixed_precision, "finetune.optim")
+    settings = StepSettings.from_cfg(oc, resolved.entry, cfg.mixed_precision, "finetune.optim", backbone=model)
     lr = scaled_lr(resolved.base_lr, fc.batch_size, resolved.lr_scaling)
     groups = finetune_param_groups(model, oc, resolved.weight_decay, fc.layer_decay, family)
     optimizer = build_optimizer(groups, resolved, lr)

@@ -1,13 +1,32 @@
-"""Backbones from timm (``num_classes=0``) with the MoCo v3 ViT changes and a CIFAR stem for ResNets."""
+"""Backbones from timm (``num_classes=0``) with the MoCo v3 ViT changes, its ViT ablations and a CIFAR stem for
+ResNets."""
 import difflib
+import logging
 import math
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 import timm
 import torch
 from torch import nn
 
 from ..errors import UserError
+
+log = logging.getLogger(__name__)
+
+# ViT-only options and their MoCo v3 defaults: a CNN backbone with another value gets a warning, not a silent no-op.
+VIT_DEFAULTS = {"frozen_patch_embed": False, "pool": "token", "mlp_norm": "layernorm", "patch_norm": "none"}
+
+
+class TokenBatchNorm(nn.Module):
+    """BatchNorm for token sequences: [B, N, C] normalised per channel over the B * N tokens. The BatchNorm1d is a
+    child module, so ``SyncBatchNorm.convert_sync_batchnorm`` replaces it like any other BN."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(x.transpose(1, 2)).transpose(1, 2)
 
 
 def is_vit(model: nn.Module) -> bool:
@@ -73,11 +92,15 @@ def suggest_models(name: str, n: int = 5):
 
 def create_backbone(name: str, cifar_stem: bool = False, frozen_patch_embed: bool = False, pos_embed: str = "sincos",
                     moco_init: bool = True, zero_init_residual: bool = True, pretrained: bool = False,
+                    pool: str = "token", mlp_norm: str = "layernorm", patch_norm: str = "none",
                     **timm_kwargs: Any) -> nn.Module:
     """A timm model by name with ``num_classes=0`` (its forward returns pooled features [N, num_features]).
 
-    ViT options (ignored for other models): ``pos_embed`` sincos | learned | none, ``moco_init``,
-    ``frozen_patch_embed``. ResNet options: ``cifar_stem``, ``zero_init_residual``.
+    ViT options (a CNN warns when one differs from its default): ``pos_embed`` sincos | learned | none,
+    ``moco_init``, ``frozen_patch_embed``, ``pool`` token | avg (global average pooling, with no class token and no
+    final LayerNorm), ``mlp_norm`` layernorm | batchnorm (the norm before each block's MLP; attention keeps its
+    LayerNorm), ``patch_norm`` none | batchnorm | weightnorm (on the patch projection). ResNet options:
+    ``cifar_stem``, ``zero_init_residual``.
     """
     if not timm.is_model(name):
         close = suggest_models(name)
@@ -85,16 +108,27 @@ def create_backbone(name: str, cifar_stem: bool = False, frozen_patch_embed: boo
         raise UserError(f"unknown backbone '{name}' (model.backbone); {hint}")
     kwargs = dict(timm_kwargs)
     try:
-        probe = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+        model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
     except TypeError as e:
         raise UserError(f"model.backbone_kwargs {kwargs} do not fit {name}: {e}") from None
-    if is_vit(probe) and pos_embed == "none":
-        kwargs["pos_embed"] = "none"  # timm drops the parameter entirely
-        probe = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
-    model = probe
+    vit = is_vit(model)
+    if vit:
+        extra = {}
+        if pos_embed == "none":
+            extra["pos_embed"] = "none"  # timm drops the parameter entirely
+        if pool == "avg":  # MoCo v3: without the class token the final LayerNorm must go too
+            extra.update(class_token=False, global_pool="avg", final_norm=False, fc_norm=False)
+        if extra:
+            kwargs.update(extra)
+            model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+    else:
+        asked = dict(frozen_patch_embed=frozen_patch_embed, pool=pool, mlp_norm=mlp_norm, patch_norm=patch_norm)
+        for key, value in asked.items():
+            if value != VIT_DEFAULTS[key]:
+                log.warning("model.%s=%s applies to ViTs only; %s is a CNN, so it has no effect", key, value, name)
     if pretrained:
         model = timm.create_model(name, pretrained=True, num_classes=0, **kwargs)
-    if is_vit(model):
+    if vit:
         if moco_init and not pretrained:
             moco_vit_init(model)
         if pos_embed == "sincos" and getattr(model, "pos_embed", None) is not None:
@@ -107,6 +141,13 @@ def create_backbone(name: str, cifar_stem: bool = False, frozen_patch_embed: boo
             with torch.no_grad():
                 model.pos_embed.copy_(emb)
             model.pos_embed.requires_grad_(False)
+        if mlp_norm == "batchnorm":
+            for block in model.blocks:
+                block.norm2 = TokenBatchNorm(model.embed_dim)
+        if patch_norm == "batchnorm":  # BN over the projection's output channels, i.e. over the tokens
+            model.patch_embed.norm = TokenBatchNorm(model.embed_dim)
+        elif patch_norm == "weightnorm":  # after the init, which sets the projection's plain weight
+            nn.utils.parametrizations.weight_norm(model.patch_embed.proj, name="weight", dim=0)
         if frozen_patch_embed:
             model.patch_embed.proj.requires_grad_(False)
     else:
@@ -116,12 +157,28 @@ def create_backbone(name: str, cifar_stem: bool = False, frozen_patch_embed: boo
             for m in model.modules():
                 if m is not model and callable(getattr(m, "zero_init_last", None)):
                     m.zero_init_last()
-    model.ssl_bocb_spec = backbone_spec(name, cifar_stem, frozen_patch_embed, pos_embed, kwargs, model)
+    model.ssl_bocb_spec = backbone_spec(name, cifar_stem, frozen_patch_embed, pos_embed, kwargs, model,
+                                        mlp_norm=mlp_norm, patch_norm=patch_norm)
     return model
 
 
-def backbone_spec(name, cifar_stem, frozen_patch_embed, pos_embed, kwargs, model) -> Dict[str, Any]:
-    """What ``backbone.json`` records: enough to rebuild the module before loading its weights."""
+def first_layer_parameters(backbone: nn.Module) -> List[nn.Parameter]:
+    """The trainable parameters of the first layer: a ViT's patch projection, else the first convolution."""
+    if is_vit(backbone):
+        module = backbone.patch_embed.proj
+    else:
+        module = next((m for m in backbone.modules() if isinstance(m, nn.Conv2d)), None)
+        if module is None:
+            raise UserError(f"{type(backbone).__name__} has no convolution to call its first layer; use "
+                            f"optim.grad_clip_mode=norm or agc")
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def backbone_spec(name, cifar_stem, frozen_patch_embed, pos_embed, kwargs, model, mlp_norm="layernorm",
+                  patch_norm="none") -> Dict[str, Any]:
+    """What ``backbone.json`` records: enough to rebuild the module before loading its weights (pooling travels in
+    ``timm_kwargs``; ``mlp_norm`` / ``patch_norm`` change modules that plain timm does not have)."""
+    vit = is_vit(model)
     return {
         "timm_name": name,
         "timm_kwargs": dict(kwargs),
@@ -130,10 +187,24 @@ def backbone_spec(name, cifar_stem, frozen_patch_embed, pos_embed, kwargs, model
         "cifar_stem": bool(cifar_stem and not is_vit(model)),
         "frozen_patch_embed": bool(frozen_patch_embed and is_vit(model)),
         "pos_embed": pos_embed if is_vit(model) else None,
+        "mlp_norm": mlp_norm if vit else None,
+        "patch_norm": patch_norm if vit else None,
     }
+
+
+def create_from_spec(spec: Dict[str, Any], **timm_overrides: Any) -> nn.Module:
+    """Rebuild an exported backbone's modules (no init of its own: the weights are loaded next)."""
+    kwargs = {**spec["timm_kwargs"], **timm_overrides}
+    return create_backbone(spec["timm_name"], cifar_stem=spec.get("cifar_stem", False),
+                           frozen_patch_embed=spec.get("frozen_patch_embed", False),
+                           pos_embed=spec.get("pos_embed") or "learned", moco_init=False, zero_init_residual=False,
+                           mlp_norm=spec.get("mlp_norm") or "layernorm", patch_norm=spec.get("patch_norm") or "none",
+                           **kwargs)
 
 
 def backbone_kwargs_from_cfg(model_cfg) -> Dict[str, Any]:
     return dict(cifar_stem=model_cfg.cifar_stem, frozen_patch_embed=model_cfg.frozen_patch_embed,
                 pos_embed=model_cfg.pos_embed, moco_init=model_cfg.moco_init,
-                zero_init_residual=model_cfg.zero_init_residual, **dict(model_cfg.backbone_kwargs))
+                zero_init_residual=model_cfg.zero_init_residual, pool=model_cfg.get("pool", "token"),
+                mlp_norm=model_cfg.get("mlp_norm", "layernorm"), patch_norm=model_cfg.get("patch_norm", "none"),
+                **dict(model_cfg.backbone_kwargs))

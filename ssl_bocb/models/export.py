@@ -7,7 +7,9 @@ The weights are the backbone's own state dict (no prefixes), so for every backbo
     m.load_state_dict(safetensors.torch.load_file("backbone.safetensors"))
 
 loads with no key surgery. A ``cifar_stem`` ResNet has a 3x3 conv1 (same key, other shape): call
-``ssl_bocb.models.apply_cifar_stem(m)`` before loading, or use :func:`load_backbone`.
+``ssl_bocb.models.apply_cifar_stem(m)`` before loading, or use :func:`load_backbone`; so does a ViT with the
+BatchNorm ablations (``mlp_norm`` / ``patch_norm`` in backbone.json). Global average pooling is plain timm
+(``class_token=False, global_pool='avg'`` in ``timm_kwargs``).
 """
 import json
 import os
@@ -17,7 +19,7 @@ import safetensors.torch
 from torch import nn
 
 from ..errors import UserError
-from .backbones import create_backbone
+from .backbones import create_from_spec
 
 
 def export_backbone(backbone: nn.Module, out_dir: str, extra: dict = None) -> Tuple[str, str]:
@@ -50,10 +52,7 @@ def load_backbone(path: str) -> nn.Module:
         raise UserError(f"no backbone.safetensors at '{path}'; pass a finished pretraining run directory or the "
                         f"exported file")
     spec = read_spec(weights)
-    model = create_backbone(spec["timm_name"], cifar_stem=spec.get("cifar_stem", False),
-                            frozen_patch_embed=spec.get("frozen_patch_embed", False),
-                            pos_embed=spec.get("pos_embed") or "learned", moco_init=False, zero_init_residual=False,
-                            **spec["timm_kwargs"])
+    model = create_from_spec(spec)
     try:
         state = safetensors.torch.load_file(weights)
     except Exception as e:
