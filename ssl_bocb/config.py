@@ -399,19 +399,20 @@ def _merge(base: DictConfig, other: DictConfig, source: str, schema) -> DictConf
         raise UserError(f"bad config in {source}: {str(e).splitlines()[0]}") from None
 
 
-def _open(cfg: DictConfig) -> DictConfig:
-    for key in OPEN_KEYS:
+def _open(cfg: DictConfig, open_keys=OPEN_KEYS) -> DictConfig:
+    for key in open_keys:
         node = _get(cfg, key)
         if node is not None:
             OmegaConf.set_struct(node, False)
     return cfg
 
 
-def load(schema, files: List[str] = (), overrides: List[str] = ()) -> DictConfig:
-    """Build the config: schema defaults <- each YAML file in order <- ``key=value`` overrides."""
+def load(schema, files: List[str] = (), overrides: List[str] = (), open_keys=OPEN_KEYS) -> DictConfig:
+    """Build the config: schema defaults <- each YAML file in order <- ``key=value`` overrides. ``open_keys`` are
+    the free-form mappings of the schema."""
     cfg = OmegaConf.structured(schema)
     OmegaConf.set_struct(cfg, True)
-    _open(cfg)
+    _open(cfg, open_keys)
     for path in files:
         if not os.path.isfile(path):
             raise UserError(f"config file '{path}' does not exist; check the path passed to --config")
@@ -423,7 +424,7 @@ def load(schema, files: List[str] = (), overrides: List[str] = ()) -> DictConfig
             raise UserError(f"config file '{path}' must hold a mapping of keys, not a {type(part).__name__}")
         for extra in SAVED_EXTRAS:
             part.pop(extra, None)
-        cfg = _open(_merge(cfg, part, f"'{path}'", schema))
+        cfg = _open(_merge(cfg, part, f"'{path}'", schema), open_keys)
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise UserError(f"override '{bad[0]}' is not of the form key=value (e.g. train.epochs=10)")
@@ -431,7 +432,7 @@ def load(schema, files: List[str] = (), overrides: List[str] = ()) -> DictConfig
         dot = OmegaConf.from_dotlist(list(overrides))
     except OmegaConfBaseException as e:
         raise UserError(f"cannot parse overrides {list(overrides)}: {str(e).splitlines()[0]}") from None
-    cfg = _open(_merge(cfg, dot, "the command line", schema))
+    cfg = _open(_merge(cfg, dot, "the command line", schema), open_keys)
     _normalise(cfg)
     validate(cfg)
     return cfg

@@ -43,6 +43,16 @@ def claim_run_dir(path: str, resuming: bool, overwrite: bool) -> None:
 RUN_LOGS = ("log.jsonl", "steps.jsonl", "tb", "train.log", "curves.png", "config.yaml")
 
 
+def restarting(path: str, resume: str, resuming: bool) -> bool:
+    """True for resume=auto on a folder that holds a run but no checkpoint (killed before its first one): there is
+    nothing to continue, so the run starts again in that folder. A finished export without checkpoints is refused."""
+    restart = resume == "auto" and not resuming and holds_run(path)
+    if restart and os.path.exists(os.path.join(path, "backbone.safetensors")):
+        raise UserError(f"'{path}' holds a finished export but no checkpoint to continue from; choose another "
+                        f"output_dir or pass overwrite=true (without resume) to move it aside")
+    return restart
+
+
 def clear_run_logs(path: str) -> None:
     """Remove the logs of a run that never reached a checkpoint, so its restart keeps nothing stale. Main process."""
     import shutil

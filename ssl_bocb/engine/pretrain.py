@@ -75,10 +75,7 @@ def pretrain(cfg: DictConfig, name: str = "run") -> str:
     logs.setup_logging(accelerator.is_main_process)
     resuming = resume_path is not None
     # resume=auto on a folder killed before its first checkpoint: nothing to continue, so start it again there
-    restart = cfg.resume == "auto" and not resuming and logs.holds_run(run_dir)
-    if restart and os.path.exists(os.path.join(run_dir, "backbone.safetensors")):
-        raise UserError(f"'{run_dir}' holds a finished export but no checkpoint to continue from; choose another "
-                        f"output_dir or pass overwrite=true (without resume) to move it aside")
+    restart = logs.restarting(run_dir, cfg.resume, resuming)
     logs.check_run_dir(run_dir, resuming or restart, cfg.overwrite)
     meta = None
     if resume_path:

@@ -88,9 +88,10 @@ def run_finetune(cfg) -> Dict:
     metrics_path = result_path(out_dir, "finetune")
     resume_path = ckpt.resolve_resume(fc.resume, out_dir)
     resuming = resume_path is not None
+    restart = logs.restarting(out_dir, fc.resume, resuming)  # killed before its first checkpoint: start again
     if not resuming:
         check_writable(metrics_path, cfg.overwrite)
-    logs.check_run_dir(out_dir, resuming, cfg.overwrite, resume_key="finetune.resume")
+    logs.check_run_dir(out_dir, resuming or restart, cfg.overwrite, resume_key="finetune.resume")
     accelerator = make_accelerator(cfg, seed=cfg.seed)
     logs.setup_logging(accelerator.is_main_process)
     set_seed(cfg.seed)
@@ -148,7 +149,9 @@ def run_finetune(cfg) -> Dict:
         ckpt.check_same_optimizer(ckpt.read_meta(resume_path), derived, resume_path)
         step = ckpt.load_checkpoint(accelerator, resume_path)["step"]
     if accelerator.is_main_process:
-        logs.claim_run_dir(out_dir, resuming, cfg.overwrite)
+        logs.claim_run_dir(out_dir, resuming or restart, cfg.overwrite)
+        if restart:
+            logs.clear_run_logs(out_dir)
         save_config(cfg, os.path.join(out_dir, "config.yaml"), derived)
     accelerator.wait_for_everyone()
     logs.setup_logging(accelerator.is_main_process, os.path.join(out_dir, "train.log"))

@@ -1,0 +1,358 @@
+"""Sweep files and their plan: one YAML file -> the list of cells, each a fully resolved, named, hashed run.
+
+A sweep file (``configs/sweeps/*.yaml``)::
+
+    name: cpu_mini                      # default: the file's name
+    output_dir: runs/sweeps/cpu_mini    # default: runs/sweeps/<name>
+    recipe: [configs/quickstart.yaml]   # base recipe file(s) of every cell
+    overrides: [data.subset=500]        # key=value for every cell
+    axes:                               # in order; the product of their values, less `exclude`
+      backbone:                         # value name -> overlay file(s) and / or key=value overrides
+        resnet18: [model.backbone=resnet18]
+        vit: configs/cifar10_vit_tiny.yaml
+      optimizer: {key: optim.name, values: [sgd, lars]}    # shorthand: one key, the values are the names
+      frozen-patch:
+        "off": configs/ablations/patch_trained.yaml
+        "on": {config: configs/ablations/patch_frozen.yaml, overrides: [optim.grad_clip=0]}
+    exclude: [{backbone: resnet18, frozen-patch: "on"}]
+    grid: {lars: {base_lr: [0.3, 1.0]}}   # optional lr / wd (any optim key) grid for cells of that optimizer
+    seeds: [0, 1]
+    stages:                              # evaluations after pretraining, each with its eval config
+      knn: {config: configs/eval/cifar10.yaml, overrides: [test_subset=100]}
+      linprobe: {overrides: [linear.epochs=30]}
+    resources: {parallel: 2, threads: 1}
+
+Precedence inside a cell: recipe files < the axes' overlay files < ``overrides`` < the axes' key=value overrides <
+the grid point < the seed. A cell's name joins its axis values (``value`` when it reads alone, ``axis=value`` when
+it is a switch such as on / off or a number), its grid point and its seed: ``resnet18__lars__s0``. Its hash is the
+SHA-256 of the resolved pretraining config less the keys that only say where and how fast it runs (paths, workers,
+logging, checkpoint cadence); the folder is ``<output_dir>/cells/<name>-<hash8>``, so editing a value that changes
+the result makes a new cell, and the same file plans the same cells on every machine.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+from omegaconf import OmegaConf
+
+from .. import config
+from ..errors import UserError
+
+STAGES = ("knn", "linprobe", "finetune")
+# Keys that say where or how fast a run goes, not what it computes: left out of the hashes.
+PRETRAIN_MACHINE_KEYS = ("output_dir", "resume", "overwrite", "data.root", "data.cache_dir", "data.download",
+                         "data.num_workers", "train.log_every", "train.save_every", "train.save_every_steps",
+                         "train.keep_checkpoints", "train.stop_at_step", "train.cpu")
+EVAL_MACHINE_KEYS = ("checkpoint", "output_dir", "overwrite", "data.root", "data.cache_dir", "data.download",
+                     "data.num_workers", "batch_size", "cache_features", "cpu", "finetune.resume",
+                     "finetune.save_every")
+# Data keys an evaluation stage takes from its cell's pretraining config unless the stage sets them.
+INHERITED_DATA_KEYS = ("name", "root", "cache_dir", "image_size", "mean", "std", "train_split", "test_split",
+                       "fake_per_class", "fake_classes", "num_workers")
+SWITCH_VALUES = {"on", "off", "true", "false", "yes", "no", "none", "null"}
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+SHORT_KEYS = {"base_lr": "lr", "weight_decay": "wd"}
+
+
+@dataclass
+class SlurmResources:
+    # SLURM partition, account, QoS and constraint (empty: the cluster's default).
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    constraint: str = ""
+    # Memory per job in GB; 0 = the partition's default.
+    mem_gb: int = 0
+    # Further submitit slurm_* parameters, e.g. {exclude: node12}.
+    additional: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Resources:
+    # Cells at once: the local pool size, and the SLURM array's parallelism.
+    parallel: int = 1
+    # torch / OpenMP threads per process; 0 = the machine's cores / (parallel x processes).
+    threads: int = 0
+    # Processes per cell (> 1: one `accelerate launch --multi_gpu --num_processes N` per stage).
+    processes: int = 1
+    # GPUs per cell (local: the pool hands out CUDA_VISIBLE_DEVICES; SLURM: gpus per node).
+    gpus: int = 0
+    # data.num_workers per process; null = the recipe's.
+    workers: Optional[int] = None
+    # SLURM time limit per job in minutes; a job that reaches it is requeued and continues from the checkpoint.
+    time_limit_min: int = 120
+    slurm: SlurmResources = field(default_factory=SlurmResources)
+
+
+@dataclass
+class SweepConfig:
+    name: str = ""
+    output_dir: str = ""
+    recipe: List[str] = field(default_factory=list)
+    overrides: List[str] = field(default_factory=list)
+    axes: Dict[str, Any] = field(default_factory=dict)
+    exclude: List[Any] = field(default_factory=list)
+    grid: Dict[str, Any] = field(default_factory=dict)
+    seeds: List[int] = field(default_factory=lambda: [0])
+    stages: Dict[str, Any] = field(default_factory=dict)
+    resources: Resources = field(default_factory=Resources)
+
+
+@dataclass
+class Part:
+    """What one axis value (or the grid, or the seed) adds to a cell."""
+    files: List[str] = field(default_factory=list)
+    overrides: List[str] = field(default_factory=list)
+
+
+@dataclass
+class Stage:
+    name: str
+    files: List[str]
+    overrides: List[str]
+    hash: str
+
+
+@dataclass
+class Cell:
+    name: str
+    hash: str
+    folder: str
+    labels: Dict[str, str]              # axis -> value name, then the grid keys and 'seed'
+    files: List[str]
+    overrides: List[str]
+    stages: List[Stage]
+    values: Dict[str, Any] = field(default_factory=dict)  # resolved keys worth a column (optimizer, lr, ...)
+
+    @property
+    def id(self) -> str:
+        return os.path.basename(self.folder)
+
+
+@dataclass
+class Plan:
+    name: str
+    path: str
+    output_dir: str
+    axes: List[str]
+    cells: List[Cell]
+    resources: Resources
+    extra: List[str]                   # key=value given on the command line, for every cell
+
+    def find(self, cell_id: str) -> Cell:
+        for c in self.cells:
+            if cell_id in (c.id, c.name):
+                return c
+        raise UserError(f"no cell '{cell_id}' in sweep {self.name}; `tools/sweep.py plan` lists them")
+
+
+def _hash(data: Dict[str, Any], drop: Tuple[str, ...]) -> str:
+    data = json.loads(json.dumps(data))
+    for key in drop:
+        node = data
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.get(p, {})
+        node.pop(leaf, None)
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _find_file(path: str, base: str, where: str) -> str:
+    for candidate in (path, os.path.join(base, path)):
+        if os.path.isfile(candidate):
+            return os.path.abspath(candidate)
+    raise UserError(f"{where}: config file '{path}' does not exist (looked in the current folder and beside the "
+                    f"sweep file)")
+
+
+def _part(spec: Any, base: str, where: str) -> Part:
+    """An axis value: null, 'file.yaml', 'key=value', a list of those, or {config: ..., overrides: [...]}."""
+    if spec is None:
+        return Part()
+    if isinstance(spec, str):
+        spec = [spec]
+    if isinstance(spec, dict):
+        unknown = set(spec) - {"config", "overrides"}
+        if unknown:
+            raise UserError(f"{where}: unknown key(s) {sorted(unknown)}; an axis value takes config and overrides")
+        cfgs = spec.get("config") or []
+        cfgs = [cfgs] if isinstance(cfgs, str) else list(cfgs)
+        overrides = list(spec.get("overrides") or [])
+        bad = [o for o in overrides if not isinstance(o, str) or "=" not in o]
+        if bad:
+            raise UserError(f"{where}: override {bad[0]!r} is not of the form key=value")
+        return Part([_find_file(c, base, where) for c in cfgs], overrides)
+    if isinstance(spec, list):
+        part = Part()
+        for item in spec:
+            if not isinstance(item, str):
+                raise UserError(f"{where}: {item!r} is neither a config file nor a key=value override")
+            if "=" in item:
+                part.overrides.append(item)
+            elif item.endswith((".yaml", ".yml")):
+                part.files.append(_find_file(item, base, where))
+            else:
+                raise UserError(f"{where}: {item!r} is neither a .yaml file nor a key=value override")
+        return part
+    raise UserError(f"{where}: {spec!r} is not a value spec (a file, key=value, a list of them, or "
+                    f"{{config, overrides}})")
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return format(v, "g")
+    return str(v)
+
+
+def _axis_values(axis: str, spec: Any, base: str) -> List[Tuple[str, Part]]:
+    where = f"axis '{axis}'"
+    if not NAME_RE.match(axis):
+        raise UserError(f"{where}: an axis name takes letters, digits and . _ + - only")
+    if isinstance(spec, dict) and set(spec) == {"key", "values"}:
+        if not isinstance(spec["values"], list) or not spec["values"]:
+            raise UserError(f"{where}: values must be a non-empty list")
+        return [(_fmt(v), Part([], [f"{spec['key']}={_fmt(v)}"])) for v in spec["values"]]
+    if not isinstance(spec, dict) or not spec:
+        raise UserError(f"{where} must map value names to specs (or be {{key: K, values: [...]}})")
+    out = []
+    for value, vspec in spec.items():
+        value = _fmt(value)
+        if not NAME_RE.match(value):
+            raise UserError(f"{where}: value name '{value}' takes letters, digits and . _ + - only")
+        out.append((value, _part(vspec, base, f"{where}, value '{value}'")))
+    return out
+
+
+def _label(axis: str, value: str) -> str:
+    """The value alone when it reads alone; axis=value for switches and numbers."""
+    alone = value.lower() not in SWITCH_VALUES and not re.fullmatch(r"[-+0-9.e]+", value)
+    return value if alone else f"{axis}={value}"
+
+
+def _excluded(labels: Dict[str, str], rules: List[Dict[str, Any]]) -> bool:
+    for rule in rules:
+        if all(labels.get(a) in ([_fmt(x) for x in v] if isinstance(v, list) else [_fmt(v)]) for a, v in rule.items()):
+            return True
+    return False
+
+
+def load_sweep(path: str, extra: List[str] = ()) -> Tuple[SweepConfig, str]:
+    if not os.path.isfile(path):
+        raise UserError(f"sweep file '{path}' does not exist; see configs/sweeps/ for examples")
+    cfg = config.load(SweepConfig, [path], [], open_keys=("axes", "grid", "stages", "resources.slurm.additional"))
+    sweep = OmegaConf.to_object(cfg)
+    if not sweep.name:
+        sweep.name = os.path.splitext(os.path.basename(path))[0]
+    if not sweep.output_dir:
+        sweep.output_dir = os.path.join("runs", "sweeps", sweep.name)
+    r = sweep.resources
+    for key in ("parallel", "processes", "time_limit_min"):
+        if getattr(r, key) < 1:
+            raise UserError(f"resources.{key} must be >= 1, got {getattr(r, key)}")
+    for key in ("threads", "gpus"):
+        if getattr(r, key) < 0:
+            raise UserError(f"resources.{key} must be >= 0, got {getattr(r, key)}")
+    if not sweep.seeds:
+        raise UserError("seeds must list at least one seed")
+    bad = [o for o in list(sweep.overrides) + list(extra) if "=" not in o]
+    if bad:
+        raise UserError(f"override '{bad[0]}' is not of the form key=value")
+    return sweep, os.path.dirname(os.path.abspath(path))
+
+
+def _stage_config(stage: str, spec: Any, base: str, pre_cfg) -> Tuple[List[str], List[str]]:
+    if stage not in STAGES:
+        raise UserError(f"unknown stage '{stage}' in stages; choose from {', '.join(STAGES)} (pretraining always "
+                        f"runs first)")
+    part = _part(spec, base, f"stage '{stage}'")
+    inherited = []
+    for key in INHERITED_DATA_KEYS:
+        value = pre_cfg.data[key]
+        inherited.append(f"data.{key}={json.dumps(OmegaConf.to_container(value) if OmegaConf.is_config(value) else value)}")
+    return part.files, inherited + part.overrides
+
+
+def plan(path: str, extra: List[str] = ()) -> Plan:
+    """Expand a sweep file into its cells (validating every cell's configs); ``extra`` key=value apply to all."""
+    sweep, base = load_sweep(path, extra)
+    recipe = [_find_file(r, base, "recipe") for r in sweep.recipe]
+    axes = [(a, _axis_values(a, spec, base)) for a, spec in sweep.axes.items()]
+    names = [a for a, _ in axes]
+    for rule in sweep.exclude:
+        if not isinstance(rule, dict) or not set(rule) <= set(names):
+            raise UserError(f"exclude rule {rule!r} must map axis names ({', '.join(names)}) to values")
+    for opt, keys in sweep.grid.items():
+        if not isinstance(keys, dict) or not all(isinstance(v, list) and v for v in keys.values()):
+            raise UserError(f"grid.{opt} must map optim keys to non-empty lists, e.g. {{base_lr: [0.1, 0.3]}}")
+    cells, seen = [], {}
+    combos = itertools.product(*[vals for _, vals in axes]) if axes else [()]
+    for combo in combos:
+        labels = {a: v for a, (v, _) in zip(names, combo)}
+        if _excluded(labels, sweep.exclude):
+            continue
+        files = recipe + [f for _, part in combo for f in part.files]
+        overrides = list(sweep.overrides) + [o for _, part in combo for o in part.overrides] + list(extra)
+        where = "cell " + "__".join(_label(a, v) for a, v in labels.items())
+        try:
+            probe = config.load(config.PretrainConfig, files, overrides)
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
+        grid = sweep.grid.get(probe.optim.name, {})
+        points = [dict(zip(grid, p)) for p in itertools.product(*grid.values())] if grid else [{}]
+        for point in points:
+            for seed in sweep.seeds:
+                cell_labels = dict(labels)
+                cell_overrides = list(overrides)
+                for key, v in point.items():
+                    cell_labels[SHORT_KEYS.get(key, key)] = _fmt(v)
+                    cell_overrides.append(f"optim.{key}={_fmt(v)}")
+                cell_labels["seed"] = str(seed)
+                cell_overrides.append(f"seed={seed}")
+                cells.append(_cell(sweep, base, files, cell_overrides, cell_labels, where, seen))
+    if not cells:
+        raise UserError(f"sweep {sweep.name} has no cells (every combination is excluded)")
+    return Plan(sweep.name, os.path.abspath(path), sweep.output_dir, names, cells, sweep.resources, list(extra))
+
+
+def _cell(sweep, base, files, overrides, labels, where, seen) -> Cell:
+    try:
+        cfg = config.load(config.PretrainConfig, files, overrides)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+    digest = _hash(config.to_dict(cfg), PRETRAIN_MACHINE_KEYS)[:8]
+    parts = [_label(a, v) for a, v in labels.items() if a != "seed"] + [f"s{labels['seed']}"]
+    name = "__".join(parts)
+    if digest in seen:
+        raise UserError(f"cells {seen[digest]} and {name} resolve to the same pretraining config; drop one value or "
+                        f"add an exclude rule")
+    seen[digest] = name
+    folder = os.path.join(sweep.output_dir, "cells", f"{name}-{digest}")
+    stages = []
+    for stage, spec in sweep.stages.items():
+        sfiles, soverrides = _stage_config(stage, spec, base, cfg)
+        soverrides = soverrides + [f"seed={labels['seed']}"]
+        try:
+            ecfg = config.load(config.EvalConfig, sfiles, soverrides)
+        except UserError as e:
+            raise UserError(f"{where}, stage {stage}: {e}") from None
+        stages.append(Stage(stage, sfiles, soverrides, _hash(config.to_dict(ecfg), EVAL_MACHINE_KEYS)[:8]))
+    values = dict(backbone=cfg.model.backbone, optimizer=cfg.optim.name, seed=cfg.seed, epochs=cfg.train.epochs,
+                  batch_size=cfg.train.batch_size)
+    return Cell(name, digest, folder, labels, files, overrides, stages, values)
+
+
+def describe(p: Plan) -> Dict[str, Any]:
+    """A JSON-able description of the plan (``tools/sweep.py plan --json``)."""
+    return dict(name=p.name, output_dir=p.output_dir, axes=p.axes, resources=dataclasses.asdict(p.resources),
+                cells=[dict(name=c.name, hash=c.hash, folder=c.folder, labels=c.labels,
+                            stages=["pretrain"] + [s.name for s in c.stages]) for c in p.cells])
