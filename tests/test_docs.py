@@ -43,3 +43,14 @@ def test_readme_holds_the_optimizer_table_as_the_tool_prints_it():
     out = subprocess.run([sys.executable, os.path.join(REPO, "tools", "optimizers.py"), "--markdown"],
                          capture_output=True, text=True, check=True).stdout.strip()
     assert out.count("\n") >= 26 and out in readme()
+
+
+def test_every_sweep_file_key_and_ablation_overlay_is_in_the_readme():
+    from ssl_bocb.sweep.plan import SweepConfig
+    text = readme()
+    missing = [k for k in config.schema_keys(SweepConfig) if f"{k.rsplit('.', 1)[-1]}:" not in text]
+    assert not missing, missing
+    overlays = sorted(os.listdir(os.path.join(REPO, "configs", "ablations")))
+    assert len(overlays) >= 15
+    missing = [f for f in overlays if f"`{f}`" not in text]
+    assert not missing, missing

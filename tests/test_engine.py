@@ -174,3 +174,39 @@ def test_sophia_estimates_the_hessian_on_a_vit(tmp_path):
     state = torch.load(os.path.join(ckpt_dir, "optimizer.bin"), weights_only=True)["state"]
     moments = [s["hessian_moment"] for s in state.values()]
     assert moments and sum(float(m.abs().sum()) for m in moments) > 0   # the Hutchinson pass ran (step 0)
+
+
+def test_resume_auto_restarts_a_run_killed_before_its_first_checkpoint(tmp_path):
+    # what a run leaves when it is killed before its first checkpoint: its config, logs and a half-written one
+    out = tmp_path / "killed"
+    first = run(out, "train.stop_at_step=3")
+    import shutil
+    shutil.rmtree(os.path.join(first, "checkpoints"))
+    os.makedirs(os.path.join(first, "checkpoints", "step-00000002.tmp"))
+    with open(os.path.join(first, "steps.jsonl"), "a") as f:
+        f.write(json.dumps({"step": 99, "loss": 123.0}) + "\n")
+    with pytest.raises(UserError, match="already holds a run"):  # without resume=auto: refused as before
+        run(out)
+    again = run(out, "resume=auto")
+    steps = [json.loads(line)["step"] for line in open(os.path.join(again, "steps.jsonl"))]
+    assert steps == list(range(1, 9))  # 2 epochs x 4 steps, from step 1, nothing stale kept
+    assert os.path.isfile(os.path.join(again, "backbone.safetensors"))
+    assert not os.path.exists(os.path.join(again, "checkpoints", "step-00000002.tmp"))
+    assert open(os.path.join(again, "train.log")).read().count("started again from step 0") == 1
+    # a finished export whose checkpoints are gone is not restarted over
+    shutil.rmtree(os.path.join(again, "checkpoints"))
+    with pytest.raises(UserError, match="finished export but no checkpoint"):
+        run(out, "resume=auto")
+
+
+def test_momentum_zero_and_first_layer_clipping_pretrain(tmp_path):
+    vit = ["model.backbone=vit_tiny_patch16_224", "model.backbone_kwargs.img_size=32",
+           "model.backbone_kwargs.patch_size=8", "model.backbone_kwargs.depth=2", "train.epochs=1"]
+    out = run(tmp_path / "m0", *vit, "moco.momentum=0", "optim.grad_clip_mode=first_layer", "optim.grad_clip=0.01",
+              "model.mlp_norm=batchnorm", "model.pool=avg")
+    rows = [json.loads(line) for line in open(os.path.join(out, "steps.jsonl"))]
+    assert all(r["momentum"] == 0.0 for r in rows) and all(torch.isfinite(torch.tensor([r["loss"] for r in rows])))
+    state = safetensors.torch.load_file(os.path.join(list_checkpoints(out)[-1], "model.safetensors"))
+    assert not any(k.startswith("momentum_") for k in state)
+    log = open(os.path.join(out, "train.log")).read()
+    assert "no momentum encoder" in log and "the first layer only (2 tensors)" in log

@@ -1,4 +1,6 @@
+import glob
 import json
+import os
 import math
 
 import pytest
@@ -7,6 +9,7 @@ import timm
 import torch
 from torch import nn
 
+from conftest import REPO
 from ssl_bocb import config
 from ssl_bocb.errors import UserError
 from ssl_bocb.losses import symmetric_loss
@@ -128,3 +131,139 @@ def test_exported_backbone_loads_into_timm(tmp_path, name, kwargs):
     assert torch.allclose(m(x), fresh(x), atol=1e-5)
     again = load_backbone(str(tmp_path)).eval()
     assert torch.allclose(m(x), again(x), atol=1e-5)
+
+
+# --- MoCo v3 ablation flags ------------------------------------------------------------------------------------------
+
+VIT32 = ["model.backbone=vit_tiny_patch16_224", "model.backbone_kwargs.img_size=32",
+         "model.backbone_kwargs.patch_size=8", "model.backbone_kwargs.depth=2", "model.hidden_dim=64",
+         "model.out_dim=32"]
+
+
+def test_momentum_zero_has_no_momentum_encoder_and_keys_are_stopped_projector_outputs():
+    from ssl_bocb.engine.step import moco_loss_fn
+
+    cfg = cfg_of(*VIT32, "moco.momentum=0")
+    model = build_moco(cfg.model, momentum_encoder=cfg.moco.momentum > 0)
+    assert not model.has_momentum_encoder and model.momentum_parameters() == []
+    assert not any(k.startswith("momentum_") for k in model.state_dict())
+    model.update_momentum(0.0)  # a no-op, not an error
+
+    class Acc:  # the two accelerator methods the loss closure uses
+        autocast = staticmethod(__import__("contextlib").nullcontext)
+
+    x1, x2 = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    torch.manual_seed(0)
+    loss = moco_loss_fn(model, model, Acc(), x1, x2, 0.2)()
+    loss.backward()
+    # the same loss with the keys computed again from projector outputs, detached, gives the same value
+    torch.manual_seed(0)
+    q1, q2, z1, z2 = model(x1, x2)
+    from ssl_bocb.losses import contrastive_loss
+    again = contrastive_loss(q1, z2.detach(), 0.2) + contrastive_loss(q2, z1.detach(), 0.2)
+    assert torch.allclose(loss, again, atol=1e-6)
+    full = build_moco(cfg_of(*VIT32).model)
+    assert full.has_momentum_encoder and len(full.momentum_parameters()) == len(full.base_parameters())
+
+
+def test_global_average_pooling_drops_class_token_and_final_norm():
+    gap = create_backbone("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, pool="avg")
+    tok = create_backbone("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)
+    assert gap.cls_token is None and gap.num_prefix_tokens == 0
+    assert isinstance(gap.norm, torch.nn.Identity) and isinstance(gap.fc_norm, torch.nn.Identity)
+    assert tok.cls_token is not None and isinstance(tok.norm, torch.nn.LayerNorm)
+    assert gap.pos_embed.shape == (1, 16, 192) and not gap.pos_embed.requires_grad  # sin-cos, no prefix slot
+    x = torch.randn(2, 3, 32, 32)
+    tokens = gap.forward_features(x)
+    assert torch.allclose(gap(x), tokens.mean(1), atol=1e-5)  # the output is the plain mean of patch tokens
+
+
+def test_batchnorm_replaces_layernorm_only_before_the_mlp():
+    from ssl_bocb.models.backbones import TokenBatchNorm
+    m = create_backbone("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=3, mlp_norm="batchnorm")
+    for block in m.blocks:
+        assert isinstance(block.norm2, TokenBatchNorm) and isinstance(block.norm1, torch.nn.LayerNorm)
+    assert isinstance(m.norm, torch.nn.LayerNorm)
+    assert not any(isinstance(x, torch.nn.BatchNorm1d) for x in m.blocks[0].attn.modules())
+    bn = TokenBatchNorm(6).train()
+    y = bn(torch.randn(4, 5, 6) * 3 + 2)
+    assert torch.allclose(y.mean((0, 1)), torch.zeros(6), atol=1e-5)  # per channel over batch x tokens
+    assert torch.allclose(y.var((0, 1), unbiased=False), torch.ones(6), atol=1e-3)
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(m)
+    assert isinstance(synced.blocks[0].norm2.bn, torch.nn.SyncBatchNorm)
+
+
+def test_patch_projection_norms_and_their_export(tmp_path):
+    from ssl_bocb.models.backbones import TokenBatchNorm
+    bn = create_backbone("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, patch_norm="batchnorm")
+    assert isinstance(bn.patch_embed.norm, TokenBatchNorm)
+    wn = create_backbone("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, patch_norm="weightnorm",
+                         mlp_norm="batchnorm", pool="avg")
+    names = [n for n, _ in wn.named_parameters() if n.startswith("patch_embed")]
+    assert "patch_embed.proj.parametrizations.weight.original0" in names  # g (the norm), v (the direction)
+    export_backbone(wn, str(tmp_path))
+    back = load_backbone(str(tmp_path)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(back(x), wn.eval()(x), atol=1e-5)
+
+
+def _grads(model, x):
+    model.zero_grad()
+    model(x).pow(2).sum().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name,first", [("vit_tiny_patch16_224", "patch_embed.proj."), ("resnet18", "conv1.")])
+def test_first_layer_clipping_touches_only_the_first_layer(name, first):
+    from accelerate import Accelerator
+    from ssl_bocb.models.backbones import first_layer_parameters
+    from ssl_bocb.optim import clip_gradients
+    kw = dict(img_size=32, patch_size=8, depth=2) if name.startswith("vit") else {}
+    m = create_backbone(name, pos_embed="learned", **kw)
+    x = torch.randn(2, 3, 32, 32)
+    before = _grads(m, x)
+    params = [p for p in m.parameters() if p.requires_grad]
+    firsts = first_layer_parameters(m)
+    assert firsts and all(any(p is q for q in params) for p in firsts)
+    first_norm = torch.nn.utils.get_total_norm([p.grad for p in firsts])
+    threshold = float(first_norm) / 10
+    total = clip_gradients(Accelerator(cpu=True), torch.optim.SGD(params, lr=0.1), params, "first_layer", threshold,
+                           firsts)
+    assert torch.allclose(total, torch.nn.utils.get_total_norm(list(before.values())), rtol=1e-5)
+    after = {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+    for n, g in after.items():
+        if n.startswith(first):
+            assert torch.allclose(g, before[n] / 10, rtol=1e-3, atol=1e-8), n
+        else:
+            assert torch.equal(g, before[n]), n
+
+
+def test_first_layer_clipping_of_a_frozen_projection_is_refused():
+    from ssl_bocb.engine.step import StepSettings
+    from ssl_bocb.optim import get_entry
+    cfg = cfg_of(*VIT32, "model.frozen_patch_embed=true", "optim.grad_clip_mode=first_layer", "optim.grad_clip=0.1")
+    model = build_moco(cfg.model)
+    with pytest.raises(UserError, match="frozen"):
+        StepSettings.from_cfg(cfg.optim, get_entry("adamw"), "no", backbone=model.backbone)
+
+
+def test_vit_only_flags_on_a_cnn_warn(caplog):
+    with caplog.at_level("WARNING"):
+        m = create_backbone("resnet18", pool="avg", mlp_norm="batchnorm")
+    assert "model.pool=avg applies to ViTs only" in caplog.text and "model.mlp_norm" in caplog.text
+    assert m.ssl_bocb_spec["mlp_norm"] is None
+
+
+ABLATIONS = sorted(glob.glob(os.path.join(REPO, "configs", "ablations", "*.yaml")))
+RECIPES = sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml")))
+
+
+def test_every_ablation_overlay_loads_on_every_recipe_and_changes_something():
+    assert len(ABLATIONS) >= 15
+    bases = {r: config.to_dict(config.load(config.PretrainConfig, [r])) for r in RECIPES}
+    for overlay in ABLATIONS:
+        changed = False
+        for recipe in RECIPES:
+            over = config.to_dict(config.load(config.PretrainConfig, [recipe, overlay]))
+            changed = changed or over != bases[recipe]
+        assert changed, f"{os.path.basename(overlay)} changes no recipe"

@@ -49,7 +49,10 @@ def cell_row(plan: Plan, cell) -> Dict:
     stages = rec.get("stages", {})
     for stage, srec in stages.items():
         row[f"{stage}_s"] = srec.get("seconds")
-    row["wall_s"] = round(sum(s.get("seconds", 0.0) for s in stages.values()), 1) if stages else None
+    if row.get("pretrain_s") is None and epochs:  # run by a runner killed before it could record the time
+        row["pretrain_s"] = round(sum(r.get("seconds", 0.0) for r in epochs), 2)
+    timed = [row.get(f"{s}_s") for s in stages]
+    row["wall_s"] = round(sum(t for t in timed if t), 1) if stages else None
     row["error"] = st["error"] if st["state"] in ("failed", "interrupted") else ""
     row["folder"] = os.path.abspath(cell.folder)
     return row

@@ -26,12 +26,13 @@ Precedence inside a cell: recipe files < the axes' overlay files < ``overrides``
 the grid point < the seed. A cell's name joins its axis values (``value`` when it reads alone, ``axis=value`` when
 it is a switch such as on / off or a number), its grid point and its seed: ``resnet18__lars__s0``. Its hash is the
 SHA-256 of the resolved pretraining config less the keys that only say where and how fast it runs (paths, workers,
-logging, checkpoint cadence); the folder is ``<output_dir>/cells/<name>-<hash8>``, so editing a value that changes
+logging, checkpoint cadence) and less the values equal to the schema's defaults; the folder is ``<output_dir>/cells/<name>-<hash8>``, so editing a value that changes
 the result makes a new cell, and the same file plans the same cells on every machine.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
@@ -153,7 +154,29 @@ class Plan:
         raise UserError(f"no cell '{cell_id}' in sweep {self.name}; `tools/sweep.py plan` lists them")
 
 
-def _hash(data: Dict[str, Any], drop: Tuple[str, ...]) -> str:
+def _prune(data: Dict[str, Any], defaults: Dict[str, Any]) -> Dict[str, Any]:
+    """``data`` less the values equal to the schema's defaults (recursively)."""
+    out = {}
+    for key, value in data.items():
+        default = defaults.get(key, object())
+        if isinstance(value, dict) and isinstance(default, dict):
+            sub = _prune(value, default)
+            if sub:
+                out[key] = sub
+        elif value != default:
+            out[key] = value
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _defaults(schema) -> Dict[str, Any]:
+    return config.to_dict(OmegaConf.structured(schema))
+
+
+def config_hash(data: Dict[str, Any], schema, drop: Tuple[str, ...]) -> str:
+    """SHA-256 of a resolved config: the machine keys ``drop`` left out, and every value equal to the schema's
+    default left out too, so that a key added to the schema later (with a default that changes nothing) leaves the
+    hashes, and so the finished cells, of existing sweeps as they were."""
     data = json.loads(json.dumps(data))
     for key in drop:
         node = data
@@ -161,6 +184,7 @@ def _hash(data: Dict[str, Any], drop: Tuple[str, ...]) -> str:
         for p in parents:
             node = node.get(p, {})
         node.pop(leaf, None)
+    data = _prune(data, _defaults(schema))
     text = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -288,9 +312,15 @@ def plan(path: str, extra: List[str] = ()) -> Plan:
     recipe = [_find_file(r, base, "recipe") for r in sweep.recipe]
     axes = [(a, _axis_values(a, spec, base)) for a, spec in sweep.axes.items()]
     names = [a for a, _ in axes]
+    known = {a: [v for v, _ in vals] for a, vals in axes}
     for rule in sweep.exclude:
         if not isinstance(rule, dict) or not set(rule) <= set(names):
             raise UserError(f"exclude rule {rule!r} must map axis names ({', '.join(names)}) to values")
+        for a, v in rule.items():
+            missing = [x for x in (v if isinstance(v, list) else [v]) if _fmt(x) not in known[a]]
+            if missing:
+                raise UserError(f"exclude rule {rule!r}: axis '{a}' has no value {_fmt(missing[0])!r} (it has "
+                                f"{', '.join(known[a])})")
     for opt, keys in sweep.grid.items():
         if not isinstance(keys, dict) or not all(isinstance(v, list) and v for v in keys.values()):
             raise UserError(f"grid.{opt} must map optim keys to non-empty lists, e.g. {{base_lr: [0.1, 0.3]}}")
@@ -321,6 +351,10 @@ def plan(path: str, extra: List[str] = ()) -> Plan:
                 cells.append(_cell(sweep, base, files, cell_overrides, cell_labels, where, seen))
     if not cells:
         raise UserError(f"sweep {sweep.name} has no cells (every combination is excluded)")
+    used = {c.values["optimizer"] for c in cells}
+    unused = [o for o in sweep.grid if o not in used]
+    if unused:
+        raise UserError(f"grid.{unused[0]} matches no cell's optimizer (the cells use {', '.join(sorted(used))})")
     return Plan(sweep.name, os.path.abspath(path), sweep.output_dir, names, cells, sweep.resources, list(extra))
 
 
@@ -329,7 +363,7 @@ def _cell(sweep, base, files, overrides, labels, where, seen) -> Cell:
         cfg = config.load(config.PretrainConfig, files, overrides)
     except UserError as e:
         raise UserError(f"{where}: {e}") from None
-    digest = _hash(config.to_dict(cfg), PRETRAIN_MACHINE_KEYS)[:8]
+    digest = config_hash(config.to_dict(cfg), config.PretrainConfig, PRETRAIN_MACHINE_KEYS)[:8]
     parts = [_label(a, v) for a, v in labels.items() if a != "seed"] + [f"s{labels['seed']}"]
     name = "__".join(parts)
     if digest in seen:
@@ -345,7 +379,7 @@ def _cell(sweep, base, files, overrides, labels, where, seen) -> Cell:
             ecfg = config.load(config.EvalConfig, sfiles, soverrides)
         except UserError as e:
             raise UserError(f"{where}, stage {stage}: {e}") from None
-        stages.append(Stage(stage, sfiles, soverrides, _hash(config.to_dict(ecfg), EVAL_MACHINE_KEYS)[:8]))
+        stages.append(Stage(stage, sfiles, soverrides, config_hash(config.to_dict(ecfg), config.EvalConfig, EVAL_MACHINE_KEYS)[:8]))
     values = dict(backbone=cfg.model.backbone, optimizer=cfg.optim.name, seed=cfg.seed, epochs=cfg.train.epochs,
                   batch_size=cfg.train.batch_size)
     return Cell(name, digest, folder, labels, files, overrides, stages, values)

@@ -191,9 +191,15 @@ def run_cell(plan: Plan, cell: Cell, res: Resources, threads: int, gpus: Optiona
     """Run what is left of one cell; returns its final state: done | failed | interrupted."""
     stop = stop or threading.Event()
     lock = CellLock(cell)
+    waited = False
     while not lock.acquire():  # another runner (or an orphaned subprocess of a killed one) works on it
         if not wait_for_lock or stop.is_set():
             return "interrupted"
+        if not waited:
+            owner = open(lock.path).read().strip()
+            log.info("cell %s is locked by %s (another runner, or a stage of a killed one still running); waiting",
+                     cell.id, owner or "another process")
+            waited = True
         time.sleep(POLL_S)
     try:
         rec = read_record(cell)
@@ -204,7 +210,11 @@ def run_cell(plan: Plan, cell: Cell, res: Resources, threads: int, gpus: Optiona
         if gpus is not None:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
         os.makedirs(os.path.join(cell.folder, "logs"), exist_ok=True)
-        for stage in pending_stages(cell, rec):
+        left = pending_stages(cell, rec)
+        for stage, srec in rec["stages"].items():  # finished by a runner that was killed before recording it
+            if stage not in left and srec.get("status") != "done":
+                srec["status"] = "done"
+        for stage in left:
             if stop.is_set():
                 raise Stopped()
             old = rec["stages"].get(stage, {})
@@ -217,6 +227,7 @@ def run_cell(plan: Plan, cell: Cell, res: Resources, threads: int, gpus: Optiona
             attempt = dict(stage=stage, started=time.strftime("%Y-%m-%dT%H:%M:%S"), host=socket.gethostname(),
                            from_step=ckpt.read_meta(latest)["step"] if latest else 0)
             rec["stages"][stage] = dict(old, status="running", hash=stage_hash(cell, stage))
+            rec["attempts"].append(attempt)  # recorded before it starts: a runner killed now still counts it
             rec.update(status="running", error="")
             write_record(cell, rec)
             log_path = os.path.join(cell.folder, "logs", f"{stage}.log")
@@ -234,7 +245,6 @@ def run_cell(plan: Plan, cell: Cell, res: Resources, threads: int, gpus: Optiona
                     on_proc(None)
             seconds = time.time() - t0
             attempt.update(seconds=round(seconds, 2), rc=rc)
-            rec["attempts"].append(attempt)
             srec = rec["stages"][stage]
             srec["seconds"] = round(srec.get("seconds", 0.0) + seconds, 2)
             if rc == 0 and os.path.isfile(result_file(cell, stage)):
