@@ -31,7 +31,7 @@ def write_sweep(tmp_path, name="s", **fields):
                resources={"parallel": 1, "threads": 1})
     doc.update(fields)
     path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(doc))
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return str(path)
 
 
@@ -152,7 +152,7 @@ def test_a_changed_stage_config_reruns_only_that_stage(finished, tmp_path):
     doc = yaml.safe_load(open(path))
     doc["stages"]["knn"]["overrides"] = ["test_subset=4", "knn.ks=[3]", "knn.k=3"]
     other = tmp_path / "changed.yaml"
-    other.write_text(yaml.safe_dump(doc))
+    other.write_text(yaml.safe_dump(doc, sort_keys=False))
     p = plan(str(other))
     assert [c.id for c in p.cells] == [c.id for c in plan(path).cells]  # same pretraining cells
     assert all(cell_status(c)["left"] == ["knn"] for c in p.cells)
