@@ -83,6 +83,12 @@ def test_names_and_hashes_are_stable_and_follow_resolved_values(tmp_path, monkey
     # setting a key to its default value is the same resolved config
     same = {c.name: c.hash for c in plan(path, ["train.mixed_precision=no"]).cells}
     assert same == first
+    # more seeds from the command line: the seed-0 cells are the same cells, the new ones are new
+    more = plan(path, ["data.root=/somewhere"], seeds=[0, 1])
+    assert [c.name for c in more.cells] == ["sgd__s0", "sgd__s1", "adamw__s0", "adamw__s1"]
+    assert {c.name: c.hash for c in more.cells if c.name.endswith("s0")} == first
+    with pytest.raises(UserError, match="distinct seeds"):
+        plan(path, seeds=[1, 1])
 
 
 @pytest.mark.parametrize("fields,message", [

@@ -7,8 +7,9 @@
     python tools/sweep.py collect configs/sweeps/cpu_mini.yaml data.root=../shared/data   # results.csv / .md / .png
     python tools/sweep.py submit  configs/sweeps/cpu_mini.yaml data.root=/data            # SLURM job array
 
-key=value overrides apply to every cell (and to every stage's data keys); pass the same ones to every subcommand,
-since they are part of what the cells are (paths, worker counts and logging are not part of a cell's hash).
+key=value overrides apply to every cell (and to every stage's data keys); pass the same ones (and the same --seeds)
+to every subcommand, since they are part of what the cells are (paths, worker counts and logging are not part of a
+cell's hash). --seeds 0 1 2 adds seeds to a sweep without running again the cells of the seeds already done.
 A finished cell is never run again; a partial one continues (resume=auto); a failed one is recorded with its
 error line and skipped by later runs unless --retry-failed.
 """
@@ -59,6 +60,8 @@ def main(argv=None):
         sp = sub.add_parser(name, help=text, description=text)
         sp.add_argument("sweep", help="sweep file, e.g. configs/sweeps/cpu_mini.yaml")
         sp.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for every cell")
+        sp.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
+                        help="run these seeds instead of the file's (cells of seeds already run are reused)")
         cmds[name] = sp
     cmds["plan"].add_argument("--json", action="store_true", help="print the plan as JSON")
     cmds["run"].add_argument("--parallel", type=int, default=None, help="cells at once (default resources.parallel)")
@@ -73,7 +76,7 @@ def main(argv=None):
     if bad:
         raise UserError(f"'{bad[0]}' is not a key=value override (the sweep file comes first, once)")
     setup_logging(True)
-    p = plan(args.sweep, args.overrides)
+    p = plan(args.sweep, args.overrides, args.seeds)
 
     if args.command == "plan":
         if args.json:

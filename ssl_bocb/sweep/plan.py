@@ -146,6 +146,7 @@ class Plan:
     cells: List[Cell]
     resources: Resources
     extra: List[str]                   # key=value given on the command line, for every cell
+    seeds: Optional[List[int]] = None  # --seeds given on the command line (None: the file's seeds)
 
     def find(self, cell_id: str) -> Cell:
         for c in self.cells:
@@ -306,9 +307,15 @@ def _stage_config(stage: str, spec: Any, base: str, pre_cfg) -> Tuple[List[str],
     return part.files, inherited + part.overrides
 
 
-def plan(path: str, extra: List[str] = ()) -> Plan:
-    """Expand a sweep file into its cells (validating every cell's configs); ``extra`` key=value apply to all."""
+def plan(path: str, extra: List[str] = (), seeds: Optional[List[int]] = None) -> Plan:
+    """Expand a sweep file into its cells (validating every cell's configs); ``extra`` key=value apply to all;
+    ``seeds`` replaces the file's seeds (a cell's name and hash do not depend on the other seeds, so adding seeds
+    later reuses the cells already run)."""
     sweep, base = load_sweep(path, extra)
+    if seeds is not None:
+        if not seeds or len(set(seeds)) != len(seeds):
+            raise UserError(f"--seeds must list distinct seeds, got {seeds}")
+        sweep.seeds = list(seeds)
     recipe = [_find_file(r, base, "recipe") for r in sweep.recipe]
     axes = [(a, _axis_values(a, spec, base)) for a, spec in sweep.axes.items()]
     names = [a for a, _ in axes]
@@ -355,7 +362,8 @@ def plan(path: str, extra: List[str] = ()) -> Plan:
     unused = [o for o in sweep.grid if o not in used]
     if unused:
         raise UserError(f"grid.{unused[0]} matches no cell's optimizer (the cells use {', '.join(sorted(used))})")
-    return Plan(sweep.name, os.path.abspath(path), sweep.output_dir, names, cells, sweep.resources, list(extra))
+    return Plan(sweep.name, os.path.abspath(path), sweep.output_dir, names, cells, sweep.resources, list(extra),
+                None if seeds is None else list(seeds))
 
 
 def _cell(sweep, base, files, overrides, labels, where, seen) -> Cell:

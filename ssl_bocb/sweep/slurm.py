@@ -25,13 +25,14 @@ class CellJob(submitit.helpers.Checkpointable):
     """What a SLURM array task runs: the named cell of the sweep file (planned again inside the job, from the same
     file and overrides, so the job and the submitter agree on every cell's name and hash)."""
 
-    def __init__(self, sweep_path: str, extra: List[str]):
+    def __init__(self, sweep_path: str, extra: List[str], seeds: Optional[List[int]] = None):
         self.sweep_path = sweep_path
         self.extra = list(extra)
+        self.seeds = None if seeds is None else list(seeds)
         self._proc: Optional[subprocess.Popen] = None
 
     def __call__(self, cell_id: str) -> str:
-        p = make_plan(self.sweep_path, self.extra)
+        p = make_plan(self.sweep_path, self.extra, self.seeds)
         cell = p.find(cell_id)
         res = p.resources
         env_cpus = int(os.environ.get("SLURM_CPUS_PER_TASK", "0"))
@@ -49,13 +50,13 @@ class CellJob(submitit.helpers.Checkpointable):
                 proc.wait(timeout=STOP_WAIT_S)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        return submitit.helpers.DelayedSubmission(CellJob(self.sweep_path, self.extra), cell_id)
+        return submitit.helpers.DelayedSubmission(CellJob(self.sweep_path, self.extra, self.seeds), cell_id)
 
     def __getstate__(self):
-        return {"sweep_path": self.sweep_path, "extra": self.extra}
+        return {"sweep_path": self.sweep_path, "extra": self.extra, "seeds": self.seeds}
 
     def __setstate__(self, state):
-        self.__init__(state["sweep_path"], state["extra"])
+        self.__init__(state["sweep_path"], state["extra"], state.get("seeds"))
 
 
 def executor_for(p: Plan, cluster: Optional[str]) -> submitit.AutoExecutor:
@@ -92,7 +93,7 @@ def submit(p: Plan, cluster: Optional[str] = None, retry_failed: bool = False, w
     if not todo:
         return {"jobs": {}, "states": {}}
     ex = executor_for(p, cluster)
-    job = CellJob(p.path, p.extra)
+    job = CellJob(p.path, p.extra, p.seeds)
     try:
         jobs = ex.map_array(job, todo)
     except Exception as e:  # sbatch missing, rejected parameters ...

@@ -1,0 +1,283 @@
+"""Backbone-optimizer coupling bias (BOCB) statistics, as defined in ../shared/SPEC.md section 3 and documented in
+the README ("BOCB analysis"): per-cell means with a confidence interval, the bad-pairing rule (paper Eq. 1 or the
+t x IQR variant), per-backbone and per-optimizer summaries with the worst result removed, and the one-hot Manhattan
+hyper-parameter distances of Sec. 3.1 / A.3.
+
+Everything here works on plain rows (dicts with ``backbone``, ``optimizer``, ``seed``, ``score`` and optionally
+``lr`` / ``wd``) so that it applies to a sweep's results.csv and to any hand-made or published table alike."""
+from __future__ import annotations
+
+import math
+from collections import Counter, OrderedDict
+from dataclasses import asdict, dataclass, field
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+Pair = Tuple[str, str]  # (backbone, optimizer)
+_trapezoid = getattr(np, "trapezoid", None) or np.trapz  # numpy 2 renamed trapz
+
+
+# --- confidence intervals ------------------------------------------------------------------------------------------
+
+def t_quantile(p: float, df: int) -> float:
+    """Quantile of Student's t with ``df`` degrees of freedom (numerical inverse of the CDF; no scipy needed).
+    t_quantile(0.975, 1) = 12.706, (0.975, 4) = 2.776, (0.975, 30) = 2.042."""
+    if not 0.5 <= p < 1.0 or df < 1:
+        raise ValueError(f"t_quantile needs 0.5 <= p < 1 and df >= 1, got p={p}, df={df}")
+    if p == 0.5:
+        return 0.0
+    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+
+    def tail(t: float) -> float:  # P(T > t) for t >= 0, by the substitution u = atan(x / sqrt(df))
+        # density in u: c * sqrt(df) * cos(u)^(df - 1); integrate from atan(t / sqrt(df)) to pi / 2
+        a = math.atan(t / math.sqrt(df))
+        u = np.linspace(a, math.pi / 2, 4001)
+        g = np.cos(u) ** (df - 1)
+        return float(math.exp(log_c) * math.sqrt(df) * _trapezoid(g, u))
+
+    target = 1.0 - p
+    lo, hi = 0.0, 1.0
+    while tail(hi) > target:
+        hi *= 2.0
+    for _ in range(80):
+        mid = 0.5 * (lo + hi)
+        if tail(mid) > target:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+def confidence_interval(values: Sequence[float], method: str = "t", level: float = 0.95,
+                        n_boot: int = 10000, seed: int = 0) -> Tuple[float, float]:
+    """Two-sided interval for the mean of ``values``: ``t`` (mean +- t_{(1+level)/2, n-1} * s / sqrt(n)) or
+    ``bootstrap`` (percentile interval of ``n_boot`` resampled means, fixed ``seed``). NaN for fewer than 2 values."""
+    x = np.asarray(values, dtype=float)
+    if len(x) < 2:
+        return (math.nan, math.nan)
+    if method == "t":
+        half = t_quantile(0.5 + level / 2, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x))
+        return (float(x.mean() - half), float(x.mean() + half))
+    if method == "bootstrap":
+        rng = np.random.default_rng(seed)
+        means = x[rng.integers(0, len(x), size=(n_boot, len(x)))].mean(axis=1)
+        return (float(np.quantile(means, (1 - level) / 2)), float(np.quantile(means, (1 + level) / 2)))
+    raise ValueError(f"unknown confidence interval method '{method}' (t or bootstrap)")
+
+
+# --- cells -----------------------------------------------------------------------------------------------------------
+
+@dataclass
+class CellStat:
+    backbone: str
+    optimizer: str
+    n: int                                  # seeds behind the mean
+    mean: float
+    std: float                              # sample std over seeds (nan for one seed)
+    ci_low: float
+    ci_high: float
+    scores: List[float] = field(default_factory=list)
+    lr: Optional[str] = None                # the grid point that won (when the study has an lr / wd grid)
+    wd: Optional[str] = None
+    flagged: bool = False
+
+
+def _key(v) -> str:
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
+
+
+def cell_stats(rows: Iterable[Dict], method: str = "t", level: float = 0.95) -> "OrderedDict[Pair, CellStat]":
+    """One statistic per (backbone, optimizer): the mean over seeds and its interval. When a pair was run at
+    several (lr, wd) grid points, the pair's result is its best grid point by mean score (the tuned result, as the
+    BOCB paper reports), and that point is recorded in ``lr`` / ``wd``."""
+    points: "OrderedDict[Pair, OrderedDict[Tuple[str, str], List[float]]]" = OrderedDict()
+    for r in rows:
+        s = r.get("score")
+        if s is None or (isinstance(s, float) and math.isnan(s)):
+            continue
+        pair = (str(r["backbone"]), str(r["optimizer"]))
+        points.setdefault(pair, OrderedDict()).setdefault((_key(r.get("lr")), _key(r.get("wd"))), []).append(
+            float(s))
+    out: "OrderedDict[Pair, CellStat]" = OrderedDict()
+    for pair, by_point in points.items():
+        (lr, wd), scores = max(by_point.items(), key=lambda kv: float(np.mean(kv[1])))
+        x = np.asarray(scores)
+        lo, hi = confidence_interval(x, method, level)
+        out[pair] = CellStat(pair[0], pair[1], len(x), float(x.mean()),
+                             float(x.std(ddof=1)) if len(x) > 1 else math.nan, lo, hi, list(map(float, x)),
+                             lr or None, wd or None)
+    return out
+
+
+# --- bad pairings ----------------------------------------------------------------------------------------------------
+
+def iqr(values: Sequence[float]) -> float:
+    """Q0.75 - Q0.25 with numpy's default (linear interpolation) quantiles."""
+    q75, q25 = np.percentile(np.asarray(values, dtype=float), [75, 25])
+    return float(q75 - q25)
+
+
+@dataclass
+class RuleRun:
+    rule: str            # "eq1" or "iqr"
+    threshold: float     # gamma for eq1, t for iqr
+
+    def describe(self) -> str:
+        if self.rule == "eq1":
+            return (f"BOCB Eq. 1: r flagged when r < max(R) - min(IQR(R), gamma), gamma = {self.threshold:g} "
+                    f"(R: one backbone's results over its optimizers; IQR with linear-interpolation quartiles)")
+        return (f"t x IQR: r flagged when max(R) - r > t * IQR(R), t = {self.threshold:g} (R: one backbone's "
+                f"results over its optimizers; IQR with linear-interpolation quartiles)")
+
+
+def flag_bad_pairs(results: Dict[str, float], rule: str = "eq1", threshold: float = 3.0) -> Dict[str, bool]:
+    """``results`` maps one backbone's optimizers to their scores; returns which are flagged as bad pairings."""
+    if rule not in ("eq1", "iqr"):
+        raise ValueError(f"unknown bad-pairing rule '{rule}' (eq1 or iqr)")
+    vals = list(results.values())
+    if len(vals) < 2:
+        return {k: False for k in results}
+    best, spread = max(vals), iqr(vals)
+    if rule == "eq1":
+        cut = best - min(spread, threshold)
+        return {k: v < cut for k, v in results.items()}
+    return {k: (best - v) > threshold * spread for k, v in results.items()}
+
+
+# --- summaries -------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Summary:
+    name: str
+    n: int               # results summarised (before dropping the worst)
+    best: float
+    worst: float
+    mean: float          # after dropping the single worst result
+    std: float           # sample std (ddof 1) after dropping the worst; nan when one result is left
+    range: float         # max - min after dropping the worst
+    worst_of: str        # which optimizer (or backbone) gave the worst result
+    flagged: int         # results flagged as bad pairings
+
+
+def summarize(name: str, results: Dict[str, float], flags: Dict[str, bool]) -> Summary:
+    """Mean / std / range of ``results`` with its single worst result removed (paper Sec. 3.1)."""
+    items = sorted(results.items(), key=lambda kv: kv[1])
+    worst_of, worst = items[0]
+    kept = np.asarray([v for _, v in items[1:]], dtype=float)
+    if len(kept) == 0:
+        mean = std = rng = math.nan
+    else:
+        mean = float(kept.mean())
+        std = float(kept.std(ddof=1)) if len(kept) > 1 else math.nan
+        rng = float(kept.max() - kept.min())
+    return Summary(name, len(items), float(items[-1][1]), float(worst), mean, std, rng, worst_of,
+                   int(sum(bool(flags.get(k)) for k in results)))
+
+
+@dataclass
+class Study:
+    cells: "OrderedDict[Pair, CellStat]"
+    backbones: List[str]
+    optimizers: List[str]
+    rule: RuleRun
+    per_backbone: List[Summary]
+    per_optimizer: List[Summary]
+
+    def matrix(self, attr: str = "mean") -> np.ndarray:
+        m = np.full((len(self.backbones), len(self.optimizers)), np.nan)
+        for (b, o), c in self.cells.items():
+            m[self.backbones.index(b), self.optimizers.index(o)] = getattr(c, attr)
+        return m
+
+    def to_json(self) -> Dict:
+        return dict(rule=asdict(self.rule) | {"text": self.rule.describe()},
+                    backbones=self.backbones, optimizers=self.optimizers,
+                    cells=[asdict(c) for c in self.cells.values()],
+                    per_backbone=[asdict(s) for s in self.per_backbone],
+                    per_optimizer=[asdict(s) for s in self.per_optimizer])
+
+
+def analyze_study(rows: Iterable[Dict], rule: str = "eq1", threshold: float = 3.0, ci: str = "t",
+                  level: float = 0.95) -> Study:
+    """The study tables of one metric: cell means with intervals, bad-pairing flags per backbone, and summaries
+    per backbone (over its optimizers) and per optimizer (over backbones: optimizer generality)."""
+    cells = cell_stats(rows, ci, level)
+    if not cells:
+        raise ValueError("no scored rows to analyse")
+    backbones = list(OrderedDict.fromkeys(b for b, _ in cells))
+    optimizers = list(OrderedDict.fromkeys(o for _, o in cells))
+    per_backbone = []
+    for b in backbones:
+        res = {o: c.mean for (bb, o), c in cells.items() if bb == b}
+        flags = flag_bad_pairs(res, rule, threshold)
+        for o, f in flags.items():
+            cells[(b, o)].flagged = f
+        per_backbone.append(summarize(b, res, flags))
+    per_optimizer = []
+    for o in optimizers:
+        res = {b: c.mean for (b, oo), c in cells.items() if oo == o}
+        flags = {b: cells[(b, o)].flagged for b in res}
+        per_optimizer.append(summarize(o, res, flags))
+    return Study(cells, backbones, optimizers, RuleRun(rule, threshold), per_backbone, per_optimizer)
+
+
+# --- hyper-parameter robustness --------------------------------------------------------------------------------------
+
+def mode(values: Sequence, order: Optional[Sequence] = None):
+    """Most frequent value; a tie goes to the value that comes first in ``order`` (default: first seen)."""
+    counts = Counter(values)
+    top = max(counts.values())
+    tied = [v for v in (order if order is not None else list(OrderedDict.fromkeys(values))) if counts.get(v) == top]
+    return tied[0]
+
+
+def onehot_distance(a, b, grid: Optional[Sequence] = None) -> int:
+    """Manhattan distance between the one-hot codes of two grid values: 0 when equal, 2 otherwise (whatever the
+    grid, as long as both values lie on it)."""
+    if grid is not None and (a not in grid or b not in grid):
+        raise ValueError(f"{a!r} or {b!r} is not on the grid {list(grid)}")
+    return 0 if a == b else 2
+
+
+@dataclass
+class Robustness:
+    reading: str                            # "backbone" (mode over optimizers per backbone) or "optimizer"
+    modes: Dict[str, Tuple[str, str]]       # group -> (mode lr, mode wd)
+    distances: Dict[Pair, int]              # (backbone, optimizer) -> lr distance + wd distance
+
+    def per_group(self, by: str) -> Dict[str, List[int]]:
+        i = 0 if by == "backbone" else 1
+        out: Dict[str, List[int]] = OrderedDict()
+        for pair, d in self.distances.items():
+            out.setdefault(pair[i], []).append(d)
+        return out
+
+
+def hp_robustness(best: Dict[Pair, Tuple[str, str]], reading: str = "backbone") -> Robustness:
+    """``best`` maps (backbone, optimizer) to its best (lr, wd). ``reading="backbone"``: the default setting of a
+    backbone is the mode of its optimizers' optima (paper A.3, "across all optimizers for each backbone");
+    ``"optimizer"``: the default of an optimizer is the mode of its optima across backbones. lr and wd take their
+    modes separately; a pair's cost is the sum of the two one-hot Manhattan distances (0, 2 or 4)."""
+    if reading not in ("backbone", "optimizer"):
+        raise ValueError(f"unknown reading '{reading}' (backbone or optimizer)")
+    i = 0 if reading == "backbone" else 1
+    groups: Dict[str, List[Pair]] = OrderedDict()
+    for pair in best:
+        groups.setdefault(pair[i], []).append(pair)
+    modes, dist = {}, OrderedDict()
+    for g, pairs in groups.items():
+        lrs = [best[p][0] for p in pairs]
+        wds = [best[p][1] for p in pairs]
+        modes[g] = (mode(lrs), mode(wds))
+    for pair, (lr, wd) in best.items():
+        m_lr, m_wd = modes[pair[i]]
+        dist[pair] = onehot_distance(lr, m_lr) + onehot_distance(wd, m_wd)
+    return Robustness(reading, modes, dist)
+
+
+def best_settings(rows: Iterable[Dict]) -> Dict[Pair, Tuple[str, str]]:
+    """Best (lr, wd) per (backbone, optimizer) from rows that carry ``lr`` and ``wd`` (and ``score`` when several
+    grid points were run; a row without a score is taken as the stated optimum, as in the paper's tables)."""
+    cells = cell_stats([dict(r, score=r.get("score", 0.0)) for r in rows if _key(r.get("lr")) or _key(r.get("wd"))])
+    return OrderedDict((pair, (c.lr or "", c.wd or "")) for pair, c in cells.items())
