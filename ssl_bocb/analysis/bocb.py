@@ -279,5 +279,6 @@ def hp_robustness(best: Dict[Pair, Tuple[str, str]], reading: str = "backbone") 
 def best_settings(rows: Iterable[Dict]) -> Dict[Pair, Tuple[str, str]]:
     """Best (lr, wd) per (backbone, optimizer) from rows that carry ``lr`` and ``wd`` (and ``score`` when several
     grid points were run; a row without a score is taken as the stated optimum, as in the paper's tables)."""
-    cells = cell_stats([dict(r, score=r.get("score", 0.0)) for r in rows if _key(r.get("lr")) or _key(r.get("wd"))])
+    cells = cell_stats([dict(r, score=0.0 if r.get("score") is None else r["score"]) for r in rows
+                        if _key(r.get("lr")) or _key(r.get("wd"))])
     return OrderedDict((pair, (c.lr or "", c.wd or "")) for pair, c in cells.items())
