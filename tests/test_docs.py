@@ -54,3 +54,15 @@ def test_every_sweep_file_key_and_ablation_overlay_is_in_the_readme():
     assert len(overlays) >= 15
     missing = [f for f in overlays if f"`{f}`" not in text]
     assert not missing, missing
+
+
+def test_every_analyze_option_is_in_the_readme():
+    import re
+    import subprocess
+    import sys
+    help_text = subprocess.run([sys.executable, os.path.join(REPO, "tools", "analyze.py"), "--help"],
+                               capture_output=True, text=True, check=True).stdout
+    options = sorted(set(re.findall(r"(--[a-z][a-z-]+)", help_text)) - {"--help"})
+    assert len(options) >= 12
+    missing = [o for o in options if f"`{o}" not in readme()]
+    assert not missing, missing

@@ -92,6 +92,11 @@ def _sweep_rows(path, header, raw, metric) -> Source:
     elif metric not in header:
         raise UserError(f"metric '{metric}' is not a column of {path}/results.csv (it has: {', '.join(metrics)})")
     extra_axes = [a for a in axes if a not in ("backbone", "optimizer", "seed", "lr", "wd")]
+    # other axes (ablations) make backbone variants, named only by the axes that vary for that backbone
+    values: Dict[Tuple[str, str], set] = {}
+    for r in raw:
+        for a in extra_axes:
+            values.setdefault((r.get("backbone") or r["timm_model"], a), set()).add(r[a])
     rows, skipped = [], 0
     for r in raw:
         score = _num(r.get(metric))
@@ -99,7 +104,7 @@ def _sweep_rows(path, header, raw, metric) -> Source:
             skipped += 1
             continue
         backbone = r.get("backbone") or r["timm_model"]
-        extra = " ".join(f"{a}={r[a]}" for a in extra_axes)
+        extra = " ".join(f"{a}={r[a]}" for a in extra_axes if len(values[(backbone, a)]) > 1)
         rows.append(dict(backbone=f"{backbone} {extra}".strip(), optimizer=r.get("optimizer") or r["optim_name"],
                          optim_name=r["optim_name"], family=_family(r["optim_name"]), seed=r.get("seed", "0"),
                          lr=r.get("lr") or None, wd=r.get("wd") or None, score=score, cell=r["cell"],
