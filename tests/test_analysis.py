@@ -11,10 +11,28 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import SHARED_DATA, run_tool
+from conftest import REPO, SHARED_DATA
 from ssl_bocb.analysis import bocb, spectral
 from ssl_bocb.analysis.sharpness import activation_fractions, hessian_top_eigenvalue, power_iteration
 from ssl_bocb.analysis.stability import dips, spikes
+
+def analyze_cli(*args):
+    """tools/analyze.py in this process: (exit code, stdout, stderr)."""
+    import contextlib
+    import importlib.util
+    import io
+    spec = importlib.util.spec_from_file_location("analyze_tool", os.path.join(REPO, "tools", "analyze.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            tool.main(list(args))
+        except SystemExit as e:
+            code = e.code
+    return code, out.getvalue(), err.getvalue()
+
 
 PAPER_CSV = os.path.join(SHARED_DATA, "bocb_cifar100_best_lr_wd.csv")
 PAPER_MODES = os.path.join(SHARED_DATA, "bocb_cifar100_mode_defaults.csv")
@@ -264,9 +282,9 @@ def test_analyze_a_csv_writes_report_html_with_every_figure(tmp_path):
                     for seed in (0, 1):
                         w.writerow([b, o, seed, lr, "0.05", m + (lr == "0.3") + rng.normal(0, 0.3)])
     out = tmp_path / "report"
-    res = run_tool("analyze", str(path), "--out", str(out))
-    assert res.returncode == 0, res.stderr
-    assert "Study table" in res.stdout
+    code, stdout, stderr = analyze_cli(str(path), "--out", str(out))
+    assert code == 0, stderr
+    assert "Study table" in stdout
     md = (out / "report.md").read_text()
     parser = _Images()
     parser.feed((out / "report.html").read_text())
@@ -295,5 +313,5 @@ def test_analyze_refuses_bad_input_with_one_line(tmp_path):
     for args, message in (([str(bad)], "needs the columns backbone and optimizer"),
                           ([str(tmp_path / "nope")], "does not exist"),
                           ([str(tmp_path)], "has no results.csv")):
-        res = run_tool("analyze", *args)
-        assert res.returncode == 2 and message in res.stderr, res.stderr
+        code, _, stderr = analyze_cli(*args)
+        assert code == 2 and message in stderr and stderr.count("\n") == 1, stderr

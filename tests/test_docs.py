@@ -61,7 +61,7 @@ def test_every_analyze_option_is_in_the_readme():
     import subprocess
     import sys
     help_text = subprocess.run([sys.executable, os.path.join(REPO, "tools", "analyze.py"), "--help"],
-                               capture_output=True, text=True, check=True).stdout
+                               capture_output=True, text=True, check=True, env=dict(os.environ, COLUMNS="200")).stdout
     options = sorted(set(re.findall(r"(--[a-z][a-z-]+)", help_text)) - {"--help"})
     assert len(options) >= 12
     missing = [o for o in options if f"`{o}" not in readme()]
