@@ -315,3 +315,19 @@ def test_analyze_refuses_bad_input_with_one_line(tmp_path):
                           ([str(tmp_path)], "has no results.csv")):
         code, _, stderr = analyze_cli(*args)
         assert code == 2 and message in stderr and stderr.count("\n") == 1, stderr
+
+
+def test_sharpness_of_a_real_vit_run_is_reproducible(tmp_path):
+    from conftest import TINY
+    from ssl_bocb import config
+    from ssl_bocb.analysis.sharpness import run_sharpness
+    from ssl_bocb.engine.pretrain import pretrain
+    out = pretrain(config.load(config.PretrainConfig, [], TINY + [
+        f"output_dir={tmp_path / 'vit'}", "model.backbone=vit_tiny_patch16_224",
+        "model.backbone_kwargs={img_size: 32, patch_size: 8, depth: 2}", "train.epochs=1", "train.stop_at_step=2",
+        "train.save_every_steps=2"]))
+    a = run_sharpness(out, batch=8, iters=4, seed=0)
+    b = run_sharpness(out, batch=8, iters=4, seed=0)
+    assert math.isfinite(a["hessian_top_eig"]) and a["hessian_top_eig"] != 0
+    assert a["hessian_history"] == b["hessian_history"]            # fixed batch, augmentations and start vector
+    assert list(a["activation"]) == ["blocks.0", "blocks.1"] and 0 < a["activation_mean"] < 1
