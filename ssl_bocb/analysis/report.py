@@ -205,6 +205,30 @@ def images_seen(folder: str) -> Optional[int]:
     return int(epochs[-1]["step"]) * int(batch) if batch else None
 
 
+def pretrain_flops(folder: str, images: Optional[int]) -> Optional[float]:
+    """Approximate pretraining compute: forward FLOPs of the backbone on one image (torch's FLOP counter, at the
+    run's image size) x 8 per image (two views, each a forward and a backward of about twice its cost, plus the
+    momentum encoder's forward) x images seen. Heads are left out; with no momentum encoder it is x 6."""
+    weights = os.path.join(folder, "backbone.safetensors")
+    cfg_path = os.path.join(folder, "config.yaml")
+    if not images or not os.path.isfile(weights) or not os.path.isfile(cfg_path):
+        return None
+    import torch
+    import yaml
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ..models.export import load_backbone
+    with open(cfg_path) as f:
+        c = yaml.safe_load(f) or {}
+    size = int(c.get("data", {}).get("image_size", 224))
+    per_image = 8 if float(c.get("moco", {}).get("momentum", 0.99)) > 0 else 6
+    model = load_backbone(folder).eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.zeros(1, 3, size, size))
+    return float(counter.get_total_flops()) * per_image * images
+
+
 # --- figures ---------------------------------------------------------------------------------------------------------
 
 def _plt():
@@ -319,15 +343,15 @@ def fig_histograms(backbone: str, per_opt: "OrderedDict[str, List[Dict]]", path:
     return path
 
 
-def fig_compute(points: List[Tuple[str, str, float, float]], metric: str, path: str) -> str:
-    """metric vs images seen on log-log axes, one series per backbone."""
+def fig_compute(points: List[Tuple[str, str, float, float]], metric: str, path: str, xlabel: str) -> str:
+    """metric vs compute on log-log axes, one series per backbone."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6.5, 4))
     for b in OrderedDict.fromkeys(p[0] for p in points):
         xs = [p[2] for p in points if p[0] == b]
         ys = [p[3] for p in points if p[0] == b]
         ax.scatter(xs, ys, label=b, s=18)
-    ax.set(xscale="log", yscale="log", xlabel="images seen in pretraining", ylabel=f"{metric} (%)")
+    ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel=f"{metric} (%)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -542,7 +566,7 @@ def analyze(source_path: str, out_dir: str, opts: Options = Options(), progress:
     # per-run measurements
     folders = [r for r in src.rows if r.get("folder") and os.path.isdir(r["folder"])]
     weights: Dict[str, List[Dict]] = OrderedDict()
-    events, opt_mb, seen, sharp = OrderedDict(), OrderedDict(), OrderedDict(), OrderedDict()
+    events, opt_mb, seen, sharp, flops = OrderedDict(), OrderedDict(), OrderedDict(), OrderedDict(), OrderedDict()
     if folders:
         from .stability import run_events
         cache_dir = os.path.join(out_dir, "cache")
@@ -553,6 +577,7 @@ def analyze(source_path: str, out_dir: str, opts: Options = Options(), progress:
             events[key] = run_events(r["folder"])
             opt_mb[key] = optimizer_state_mb(r["folder"])
             seen[key] = images_seen(r["folder"])
+            flops[key] = pretrain_flops(r["folder"], seen[key])
             if opts.weights:
                 w = weight_rows(r["folder"], cache_dir, opts.pca_frac, opts.bins)
                 if w is not None:
@@ -561,7 +586,7 @@ def analyze(source_path: str, out_dir: str, opts: Options = Options(), progress:
                 from .sharpness import run_sharpness
                 sharp[key] = run_sharpness(r["folder"], opts.sharpness_batch, opts.sharpness_iters)
         bar.close()
-        result.update(stability=events, optimizer_state_mb=opt_mb, images_seen=seen)
+        result.update(stability=events, optimizer_state_mb=opt_mb, images_seen=seen, pretrain_flops=flops)
         by_key = {(r.get("cell") or os.path.basename(r["folder"])): r for r in folders}
         pairs = list(OrderedDict.fromkeys((r["backbone"], r["optimizer"]) for r in folders))
 
@@ -576,9 +601,12 @@ def analyze(source_path: str, out_dir: str, opts: Options = Options(), progress:
               "and one sweep run.")
         cost_cols = {k: {kk: by_key[kk].get(k) for kk in by_key} for k in ("images_per_s", "peak_mem_mb",
                                                                           "pretrain_s")}
-        doc.table(["backbone", "optimizer", "images/s", "peak MB", "optimizer state MB", "pretrain s"],
+        doc.table(["backbone", "optimizer", "images/s", "peak MB", "optimizer state MB", "pretrain s",
+                   "pretrain PFLOPs"],
                   [[b, o, pair_mean(cost_cols["images_per_s"], (b, o)), pair_mean(cost_cols["peak_mem_mb"], (b, o)),
-                    pair_mean(opt_mb, (b, o)), pair_mean(cost_cols["pretrain_s"], (b, o))] for b, o in pairs])
+                    pair_mean(opt_mb, (b, o)), pair_mean(cost_cols["pretrain_s"], (b, o)),
+                    None if pair_mean(flops, (b, o)) is None else pair_mean(flops, (b, o)) / 1e15]
+                   for b, o in pairs])
         doc.h(2, "Stability")
         doc.p("Per run, counted from its logs (or its summary.json where the run wrote one): gradient-norm and loss "
               "spikes (a logged value above 3 x the median of the 20 before it) and kNN-monitor dips (a reading more "
@@ -586,14 +614,15 @@ def analyze(source_path: str, out_dir: str, opts: Options = Options(), progress:
         doc.table(["run", "source", "logged steps", "grad-norm spikes", "loss spikes", "kNN dips"],
                   [[k, e["source"], e.get("logged_steps"), e.get("grad_spikes"), e.get("loss_spikes"),
                     e.get("knn_dips")] for k, e in events.items()])
-        compute_pts = [(by_key[k]["backbone"], by_key[k]["optimizer"], float(v), by_key[k]["score"])
-                       for k, v in seen.items() if v and by_key[k].get("score")]
-        if len({p[2] for p in compute_pts}) > 1:
-            doc.img(fig_compute(compute_pts, src.metric, os.path.join(fig_dir, "compute.png")),
-                    f"{src.metric} against images seen in pretraining (log-log)")
-        elif compute_pts:
-            doc.p(f"Every run saw the same number of images in pretraining ({int(compute_pts[0][2]):,}); a sweep "
-                  f"that varies epochs or data adds the metric-vs-compute plot here.")
+        for values, name, label in ((seen, "images", "images seen in pretraining"),
+                                    (flops, "flops", "pretraining FLOPs (approximate: 8 x backbone forward)")):
+            pts = [(by_key[k]["backbone"], by_key[k]["optimizer"], float(v), by_key[k]["score"])
+                   for k, v in values.items() if v and by_key[k].get("score")]
+            if len({round(p[2], -6) for p in pts}) > 1:
+                doc.img(fig_compute(pts, src.metric, os.path.join(fig_dir, f"compute_{name}.png"), label),
+                        f"{src.metric} against {label} (log-log)")
+            elif pts and name == "images":
+                doc.p(f"Every run saw the same number of images in pretraining ({int(pts[0][2]):,}).")
 
     if weights:
         doc.h(2, "Weight diagnostics")
