@@ -437,7 +437,7 @@ def _cell(v) -> str:
     if isinstance(v, float):
         if not math.isfinite(v):
             return "-"
-        return f"{v:.3g}" if abs(v) < 0.01 and v != 0 else f"{v:.2f}"
+        return f"{v:.3g}" if abs(v) < 0.1 and v != 0 else f"{v:.2f}"
     return str(v).replace("|", "/")
 
 
