@@ -17,13 +17,18 @@ import numpy as np
 
 from ..errors import UserError
 from . import bocb
-from .plots import read_jsonl
+from .plots import _pyplot, read_jsonl
 
 METRICS = ("linprobe_top1", "knn_top1", "finetune_top1")
 LAYER_METRICS = ("alpha", "matrix_entropy", "value_entropy", "l2_norm", "pca_energy")
-FAMILY_NAMES = {"a": "(a) fixed lr + momentum", "b": "(b) adaptive lr + momentum",
-                "c": "(c) estimated lr + momentum", "d": "(d) adaptive lr, current gradient",
-                "new": "after the BOCB study", "?": "unknown family"}
+
+
+def family_name(letter: str) -> str:
+    """'a' -> '(a) fixed lr + momentum' (the optimizer registry's family names)."""
+    from ..optim.registry import FAMILIES
+    if letter in ("a", "b", "c", "d"):
+        return f"({letter}) {FAMILIES[letter]}"
+    return FAMILIES.get(letter, "unknown family")
 
 
 # --- input -----------------------------------------------------------------------------------------------------------
@@ -192,34 +197,35 @@ def optimizer_state_mb(folder: str) -> Optional[float]:
     return total / 2 ** 20
 
 
-def images_seen(folder: str) -> Optional[int]:
-    epochs = read_jsonl(os.path.join(folder, "log.jsonl"))
-    cfg = os.path.join(folder, "config.yaml")
-    if not epochs or not os.path.isfile(cfg):
-        return None
+def run_config(folder: str) -> Dict:
+    """A run's saved config.yaml as a plain dict ({} when there is none)."""
+    path = os.path.join(folder, "config.yaml")
+    if not os.path.isfile(path):
+        return {}
     import yaml
-    with open(cfg) as f:
-        c = yaml.safe_load(f) or {}
+    with open(path) as f:
+        return yaml.safe_load(f) or {}
+
+
+def images_seen(folder: str, c: Dict) -> Optional[int]:
+    epochs = read_jsonl(os.path.join(folder, "log.jsonl"))
+    if not epochs or not c:
+        return None
     d = c.get("derived", {})
     batch = d.get("per_device_batch", 0) * d.get("world_size", 1)
     return int(epochs[-1]["step"]) * int(batch) if batch else None
 
 
-def pretrain_flops(folder: str, images: Optional[int]) -> Optional[float]:
+def pretrain_flops(folder: str, c: Dict, images: Optional[int]) -> Optional[float]:
     """Approximate pretraining compute: forward FLOPs of the backbone on one image (torch's FLOP counter, at the
     run's image size) x 8 per image (two views, each a forward and a backward of about twice its cost, plus the
     momentum encoder's forward) x images seen. Heads are left out; with no momentum encoder it is x 6."""
-    weights = os.path.join(folder, "backbone.safetensors")
-    cfg_path = os.path.join(folder, "config.yaml")
-    if not images or not os.path.isfile(weights) or not os.path.isfile(cfg_path):
+    if not images or not c or not os.path.isfile(os.path.join(folder, "backbone.safetensors")):
         return None
     import torch
-    import yaml
     from torch.utils.flop_counter import FlopCounterMode
 
     from ..models.export import load_backbone
-    with open(cfg_path) as f:
-        c = yaml.safe_load(f) or {}
     size = int(c.get("data", {}).get("image_size", 224))
     per_image = 8 if float(c.get("moco", {}).get("momentum", 0.99)) > 0 else 6
     model = load_backbone(folder).eval()
@@ -231,15 +237,8 @@ def pretrain_flops(folder: str, images: Optional[int]) -> Optional[float]:
 
 # --- figures ---------------------------------------------------------------------------------------------------------
 
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def fig_heatmap(study: bocb.Study, metric: str, path: str) -> str:
-    plt = _plt()
+    plt = _pyplot()
     m = study.matrix("mean")
     fig, ax = plt.subplots(figsize=(1.6 + 1.25 * len(study.optimizers), 1.2 + 0.55 * len(study.backbones)))
     im = ax.imshow(m, cmap="viridis", aspect="auto")
@@ -262,7 +261,7 @@ def fig_heatmap(study: bocb.Study, metric: str, path: str) -> str:
 
 def fig_spread(study: bocb.Study, metric: str, path: str) -> str:
     """Violin + points of each backbone's results over optimizers, and of each optimizer's over backbones."""
-    plt = _plt()
+    plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(5 + 0.9 * (len(study.backbones) + len(study.optimizers)), 4))
     for ax, names, idx, title in ((axes[0], study.backbones, 0, "per backbone (over optimizers)"),
                                   (axes[1], study.optimizers, 1, "per optimizer (over backbones)")):
@@ -282,7 +281,7 @@ def fig_spread(study: bocb.Study, metric: str, path: str) -> str:
 
 
 def fig_robustness(robust: Dict[str, bocb.Robustness], path: str) -> str:
-    plt = _plt()
+    plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     for ax, (reading, r) in zip(axes, robust.items()):
         by = "backbone" if reading == "backbone" else "optimizer"
@@ -297,9 +296,9 @@ def fig_robustness(robust: Dict[str, bocb.Robustness], path: str) -> str:
 
 
 def fig_ridges(backbone: str, per_opt: "OrderedDict[str, List[Dict]]", path: str) -> str:
-    """Layer-wise ridge plot: one row of panels per metric... one ridge (the metric along the layers) per
-    optimizer, stacked; each ridge is the mean over the seeds run."""
-    plt = _plt()
+    """Layer-wise ridge plot: a panel per metric, in each one ridge (the metric along the layers) per optimizer,
+    stacked; each ridge is the mean over the seeds run."""
+    plt = _pyplot()
     fig, axes = plt.subplots(1, len(LAYER_METRICS), figsize=(3.3 * len(LAYER_METRICS), 1.2 + 0.7 * len(per_opt)))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, key in zip(axes, LAYER_METRICS):
@@ -323,7 +322,7 @@ def fig_ridges(backbone: str, per_opt: "OrderedDict[str, List[Dict]]", path: str
 
 
 def fig_histograms(backbone: str, per_opt: "OrderedDict[str, List[Dict]]", path: str) -> str:
-    plt = _plt()
+    plt = _pyplot()
     fig, axes = plt.subplots(1, len(LAYER_METRICS), figsize=(3.3 * len(LAYER_METRICS), 3))
     for ax, key in zip(axes, LAYER_METRICS):
         allv = [np.array([r[key] for r in layers if r[key] is not None and math.isfinite(r[key])])
@@ -345,7 +344,7 @@ def fig_histograms(backbone: str, per_opt: "OrderedDict[str, List[Dict]]", path:
 
 def fig_compute(points: List[Tuple[str, str, float, float]], metric: str, path: str, xlabel: str) -> str:
     """metric vs compute on log-log axes, one series per backbone."""
-    plt = _plt()
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for b in OrderedDict.fromkeys(p[0] for p in points):
         xs = [p[2] for p in points if p[0] == b]
@@ -524,7 +523,7 @@ def analyze(source_path: str, out_dir: str, opts: Options = Options(), progress:
         fam = {r["optimizer"]: r["family"] for r in scored}
         doc.table(["optimizer", "family", "backbones", "best", "worst (backbone)", "mean", "std", "range",
                    "bad pairings"],
-                  [[s.name, FAMILY_NAMES.get(fam.get(s.name, "?"), fam.get(s.name, "?")), s.n, s.best,
+                  [[s.name, family_name(fam.get(s.name, "?")), s.n, s.best,
                     f"{s.worst:.2f} ({s.worst_of})", s.mean, s.std, s.range, s.flagged] for s in study.per_optimizer])
         families = list(OrderedDict.fromkeys(sorted(fam.get(o, "?") for o in study.optimizers)))
         fam_rows = []
@@ -535,7 +534,7 @@ def analyze(source_path: str, out_dir: str, opts: Options = Options(), progress:
                 row.append(float(np.mean(vals)) if vals else None)
             fam_rows.append(row)
         doc.h(2, "By optimizer family (BOCB Sec. 3.2)")
-        doc.table(["backbone"] + [FAMILY_NAMES.get(f, f) for f in families], fam_rows)
+        doc.table(["backbone"] + [family_name(f) for f in families], fam_rows)
         result["families"] = {o: fam.get(o, "?") for o in study.optimizers}
         doc.img(fig_spread(study, src.metric, os.path.join(fig_dir, "spread.png")),
                 "spread of the results: per backbone over optimizers, per optimizer over backbones")
@@ -576,8 +575,9 @@ def analyze(source_path: str, out_dir: str, opts: Options = Options(), progress:
             key = r.get("cell") or os.path.basename(r["folder"])
             events[key] = run_events(r["folder"])
             opt_mb[key] = optimizer_state_mb(r["folder"])
-            seen[key] = images_seen(r["folder"])
-            flops[key] = pretrain_flops(r["folder"], seen[key])
+            cfg = run_config(r["folder"])
+            seen[key] = images_seen(r["folder"], cfg)
+            flops[key] = pretrain_flops(r["folder"], cfg, seen[key])
             if opts.weights:
                 w = weight_rows(r["folder"], cache_dir, opts.pca_frac, opts.bins)
                 if w is not None:
@@ -631,7 +631,6 @@ def analyze(source_path: str, out_dir: str, opts: Options = Options(), progress:
               f"({opts.bins} bins, nats), the L2 norm and the top-k PCA energy (k = {opts.pca_frac:g} x rank). "
               "Table: mean over layers (and seeds); figures: one ridge per optimizer along the layers, and the "
               "distribution over layers.")
-        by_key = {(r.get("cell") or os.path.basename(r["folder"])): r for r in folders}
         table = []
         for b in OrderedDict.fromkeys(by_key[k]["backbone"] for k in weights):
             per_opt: "OrderedDict[str, List[Dict]]" = OrderedDict()
