@@ -203,6 +203,24 @@ class MonitorConfig:
 
 
 @dataclass
+class StabilityConfig:
+    # Non-finite guard: a step with a non-finite loss or gradient is skipped (no optimizer or momentum-encoder
+    # update); after this many in a row the run rolls back to its last good checkpoint.
+    nonfinite_patience: int = 3
+    # After a rollback the lr is multiplied by this factor for the rest of the run (compounding).
+    rollback_lr_factor: float = 0.5
+    # Roll back at most this many times; the next divergence stops the run with one line.
+    max_rollbacks: int = 2
+    # Gradient-norm / loss spike: above spike_factor x the median of the previous spike_window steps (at least
+    # spike_min_history of them).
+    spike_factor: float = 3.0
+    spike_window: int = 20
+    spike_min_history: int = 5
+    # kNN dip: a monitor reading more than dip_drop points below the best reading before it.
+    dip_drop: float = 2.0
+
+
+@dataclass
 class PretrainConfig:
     # Run directory. Empty: runs/<recipe name>-<timestamp>.
     output_dir: str = ""
@@ -217,6 +235,7 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    stability: StabilityConfig = field(default_factory=StabilityConfig)
 
 
 @dataclass
@@ -330,14 +349,17 @@ CHOICES = {
 POSITIVE = ("train.epochs", "train.batch_size", "optim.base_lr", "moco.temperature", "data.image_size",
             "model.hidden_dim", "model.out_dim", "batch_size", "knn.k", "knn.temperature", "linear.epochs",
             "linear.batch_size", "linear.base_lr", "finetune.epochs", "finetune.batch_size", "finetune.optim.base_lr",
-            "finetune.layer_decay", "optim.eps", "finetune.optim.eps")
+            "finetune.layer_decay", "optim.eps", "finetune.optim.eps", "stability.nonfinite_patience",
+            "stability.rollback_lr_factor", "stability.spike_factor", "stability.spike_window",
+            "stability.spike_min_history")
 NON_NEGATIVE = ("optim.weight_decay", "train.warmup_epochs", "data.subset", "data.num_workers",
                 "train.save_every", "train.save_every_steps", "optim.grad_clip", "train.stop_at_step",
                 "monitor.knn_every", "test_subset", "linear.weight_decay", "finetune.warmup_epochs",
                 "finetune.optim.weight_decay", "finetune.drop_path", "finetune.label_smoothing", "finetune.mixup",
                 "finetune.cutmix", "finetune.mixup_prob", "finetune.ema_decay", "optim.sam.rho", "finetune.optim.sam.rho",
                 "optim.momentum", "finetune.optim.momentum", "moco.momentum", "optim.trust_coefficient",
-                "finetune.optim.weight_decay_end", "optim.weight_decay_end", "finetune.optim.grad_clip")
+                "finetune.optim.weight_decay_end", "optim.weight_decay_end", "finetune.optim.grad_clip",
+                "stability.max_rollbacks", "stability.dip_drop")
 
 # Free-form mappings inside the schema (any key allowed).
 OPEN_KEYS = ("model.backbone_kwargs", "optim.kwargs", "finetune.optim.kwargs", "optim.per_optimizer",

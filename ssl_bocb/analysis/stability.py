@@ -2,15 +2,18 @@
 
 - spike: a value above ``factor`` x the median of the ``window`` values before it (needs at least ``min_history``
   of them), so a slowly falling or rising series never counts, and a spike does not hide the next one for long;
-- dip: a monitor reading more than ``drop`` points below the best reading before it.
+- dip: a monitor reading more than ``drop`` points below the best reading before it;
+- event: a run of consecutive spiking values (or dipping readings) counts once, at its first value.
 
 A run's own ``summary.json`` counts (written by runs that detect events while training) take precedence over
 counts recomputed here from steps.jsonl / log.jsonl, which see only the logged steps."""
 from __future__ import annotations
 
 import json
+import math
 import os
-from typing import Dict, List, Sequence
+from collections import deque
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
@@ -22,48 +25,88 @@ SPIKE_MIN_HISTORY = 5
 DIP_DROP = 2.0
 
 
+class SpikeDetector:
+    """Online form of the spike rule: feed values in order; ``update`` says whether each one spikes. Its state (the
+    last ``window`` values) is a plain list, so a checkpoint can carry it and a resumed run detects the same spikes."""
+
+    def __init__(self, factor: float = SPIKE_FACTOR, window: int = SPIKE_WINDOW,
+                 min_history: int = SPIKE_MIN_HISTORY, history: Sequence[float] = ()):
+        self.factor, self.window, self.min_history = factor, window, min_history
+        self.history = deque(history, maxlen=window)
+        self.seen = len(self.history)
+
+    def update(self, x: float) -> Tuple[bool, float]:
+        """(spike?, median of the finite values in the window before ``x``; nan while there are too few)."""
+        past = [v for v in self.history if math.isfinite(v)]
+        med = float(np.median(past)) if len(past) >= self.min_history else math.nan
+        spike = (self.seen >= self.min_history and math.isfinite(x) and math.isfinite(med)
+                 and x > self.factor * med)
+        self.history.append(float(x))
+        self.seen += 1
+        return bool(spike), med
+
+    def state(self) -> Dict:
+        return dict(history=[float(v) for v in self.history], seen=self.seen)
+
+    def load(self, state: Dict) -> None:
+        self.history = deque(state["history"], maxlen=self.window)
+        self.seen = state["seen"]
+
+
+class DipDetector:
+    """Online form of the dip rule: a reading more than ``drop`` below the best reading before it."""
+
+    def __init__(self, drop: float = DIP_DROP, best: float = -math.inf):
+        self.drop, self.best = drop, best
+
+    def update(self, v) -> bool:
+        if v is None or not math.isfinite(v):
+            return False
+        dip = v < self.best - self.drop
+        self.best = max(self.best, v)
+        return bool(dip)
+
+
 def spikes(values: Sequence[float], factor: float = SPIKE_FACTOR, window: int = SPIKE_WINDOW,
            min_history: int = SPIKE_MIN_HISTORY) -> List[int]:
     """Indices of the values above ``factor`` x the running median of the previous ``window`` values."""
-    x = np.asarray(values, dtype=float)
-    out = []
-    for i in range(min_history, len(x)):
-        past = x[max(0, i - window):i]
-        past = past[np.isfinite(past)]
-        if len(past) >= min_history and np.isfinite(x[i]) and x[i] > factor * np.median(past):
-            out.append(i)
-    return out
+    det = SpikeDetector(factor, window, min_history)
+    return [i for i, v in enumerate(values) if det.update(float(v) if v is not None else math.nan)[0]]
 
 
 def dips(values: Sequence[float], drop: float = DIP_DROP) -> List[int]:
     """Indices of the readings more than ``drop`` below the best reading before them."""
-    best, out = -np.inf, []
-    for i, v in enumerate(values):
-        if v is None or not np.isfinite(v):
-            continue
-        if v < best - drop:
-            out.append(i)
-        best = max(best, v)
-    return out
+    det = DipDetector(drop)
+    return [i for i, v in enumerate(values) if det.update(v)]
+
+
+def onsets(indices: Sequence[int]) -> List[int]:
+    """The first index of each run of consecutive indices: consecutive spiking (or dipping) values are one event."""
+    return [i for k, i in enumerate(indices) if k == 0 or indices[k - 1] != i - 1]
 
 
 def run_events(run_dir: str) -> Dict:
-    """Spike and dip counts of one run (and the steps where they happened), with where they came from."""
+    """Spike and dip events of one run (and the steps where they began), with where they came from."""
     summary = os.path.join(run_dir, "summary.json")
     if os.path.isfile(summary):
-        with open(summary) as f:
-            s = json.load(f)
+        try:
+            with open(summary) as f:
+                s = json.load(f)
+        except (OSError, ValueError):
+            s = {}
         ev = s.get("events", s)
         if any(k in ev for k in ("grad_spikes", "loss_spikes", "knn_dips")):
-            return dict(source="summary.json", grad_spikes=ev.get("grad_spikes"), loss_spikes=ev.get("loss_spikes"),
-                        knn_dips=ev.get("knn_dips"), nonfinite_steps=ev.get("nonfinite_steps"),
-                        rollbacks=ev.get("rollbacks"))
+            out = dict(source="summary.json", logged_steps=s.get("step"))
+            out.update({k: ev.get(k) for k in ("grad_spikes", "loss_spikes", "knn_dips", "nonfinite_steps",
+                                               "overflow_skips", "rollbacks")})
+            out["first_layers"] = s.get("first_layer_counts")
+            return out
     steps = read_jsonl(os.path.join(run_dir, "steps.jsonl"))
     epochs = read_jsonl(os.path.join(run_dir, "log.jsonl"))
     grad = [r.get("grad_norm", np.nan) for r in steps]
     loss = [r.get("loss", np.nan) for r in steps]
     knn = [r["knn_top1"] for r in epochs if "knn_top1" in r]
-    gs, ls, ds = spikes(grad), spikes(loss), dips(knn)
+    gs, ls, ds = onsets(spikes(grad)), onsets(spikes(loss)), onsets(dips(knn))
     return dict(source="logs", grad_spikes=len(gs), loss_spikes=len(ls),
                 knn_dips=len(ds) if knn else None, grad_spike_steps=[steps[i]["step"] for i in gs],
                 loss_spike_steps=[steps[i]["step"] for i in ls], logged_steps=len(steps), knn_readings=len(knn))

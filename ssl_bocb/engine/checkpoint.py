@@ -1,16 +1,30 @@
-"""Checkpoints through Accelerate's save_state / load_state, written atomically and self-describing.
+"""Checkpoints through Accelerate's save_state / load_state, written atomically, verified, and loaded safely.
 
 Layout: ``<run>/checkpoints/step-00001234/`` holds Accelerate's state (model incl. momentum encoder, optimizer,
-grad scaler, RNG states) and ``meta.json`` (plain dict: step, epoch, config, backbone spec). The folder is
-written as ``*.tmp`` and renamed when complete, so a crash never leaves a checkpoint that looks finished.
+grad scaler, RNG states), extra states as safetensors (the fine-tune EMA) and ``meta.json`` (plain dict: step,
+epoch, config, backbone spec, event counts, and the size and SHA-256 of every other file). The folder is written as
+``*.tmp``, flushed to disk, and renamed when complete, so a crash (even kill -9 mid-write) never leaves a
+checkpoint that looks finished. ``resume=auto`` verifies the newest checkpoint against its meta.json and falls
+back to the one before, with a warning, when it is truncated or corrupt.
+
+Nothing unsafe is loaded: model weights are safetensors, and every pickle-based file (optimizer, scheduler, grad
+scaler, RNG states) is read with ``torch.load(weights_only=True)``, which refuses any object other than tensors
+and plain containers; such a file is refused with one line, and its payload never runs.
 """
+import hashlib
 import json
+import logging
 import os
+import pickle
 import re
 import shutil
-from typing import Optional
+from typing import Dict, Optional
+
+import torch
 
 from ..errors import UserError
+
+log = logging.getLogger(__name__)
 
 CKPT_RE = re.compile(r"^step-(\d{8})$")
 
@@ -34,26 +48,88 @@ def latest_checkpoint(run_dir: str) -> Optional[str]:
 
 
 def read_meta(path: str) -> dict:
-    with open(os.path.join(path, "meta.json")) as f:
-        return json.load(f)
+    try:
+        with open(os.path.join(path, "meta.json")) as f:
+            return json.load(f)
+    except ValueError as e:
+        raise UserError(f"checkpoint '{path}' has an unreadable meta.json ({e}); resume from another checkpoint")
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _manifest(folder: str) -> Dict[str, Dict]:
+    """Size and SHA-256 of every file of a checkpoint folder (meta.json aside), flushed to disk on the way."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            rel = os.path.relpath(full, folder)
+            if rel == "meta.json":
+                continue
+            with open(full, "rb") as f:
+                os.fsync(f.fileno())
+            out[rel] = dict(size=os.path.getsize(full), sha256=_sha256(full))
+    return out
+
+
+def verify_checkpoint(path: str) -> Optional[str]:
+    """None when the checkpoint's files are all there with the sizes and hashes its meta.json recorded; else the
+    reason it cannot be used. (Checkpoints written before manifests existed are checked for their files only.)"""
+    try:
+        meta = read_meta(path)
+    except (UserError, OSError) as e:
+        return str(e)
+    files = meta.get("files")
+    if files is None:
+        return None if any(f.endswith(".safetensors") for f in os.listdir(path)) else "no model weights"
+    for rel, want in files.items():
+        full = os.path.join(path, rel)
+        if not os.path.isfile(full):
+            return f"{rel} is missing"
+        if os.path.getsize(full) != want["size"]:
+            return f"{rel} has {os.path.getsize(full)} bytes, {want['size']} were written (truncated?)"
+        if _sha256(full) != want["sha256"]:
+            return f"{rel} does not match the SHA-256 recorded when it was written (corrupt?)"
+    return None
 
 
 def resolve_resume(resume: str, output_dir: str) -> Optional[str]:
-    """'' -> None; 'auto' -> newest checkpoint in output_dir (None if there is none); a checkpoint folder or a
-    run folder (its newest checkpoint) -> that path. A path that does not exist is an error."""
+    """'' -> None; 'auto' -> newest sound checkpoint in output_dir (None if there is none; a truncated or corrupt
+    newest one is skipped with a warning for the one before); a checkpoint folder or a run folder (its newest
+    checkpoint) -> that path, which must be sound. A path that does not exist is an error."""
     if not resume:
         return None
     if resume == "auto":
-        return latest_checkpoint(output_dir) if output_dir else None
+        return newest_sound_checkpoint(output_dir) if output_dir else None
     if not os.path.exists(resume):
         raise UserError(f"resume path '{resume}' does not exist; pass resume=auto or the path of a checkpoint "
                         f"folder (<run>/checkpoints/step-NNNNNNNN) or of a run folder")
-    if os.path.isfile(os.path.join(resume, "meta.json")):
-        return resume
-    latest = latest_checkpoint(resume)
-    if latest is None:
+    path = resume if os.path.isfile(os.path.join(resume, "meta.json")) else latest_checkpoint(resume)
+    if path is None:
         raise UserError(f"resume path '{resume}' holds no complete checkpoint (no checkpoints/step-*/meta.json)")
-    return latest
+    bad = verify_checkpoint(path)
+    if bad:
+        raise UserError(f"checkpoint '{path}' cannot be used: {bad}; resume from the one before it (or resume=auto, "
+                        f"which skips it)")
+    return path
+
+
+def newest_sound_checkpoint(run_dir: str, before_step: Optional[int] = None) -> Optional[str]:
+    """The newest checkpoint of ``run_dir`` that verifies (and is older than ``before_step`` when given)."""
+    for path in reversed(list_checkpoints(run_dir)):
+        if before_step is not None and int(CKPT_RE.match(os.path.basename(path)).group(1)) >= before_step:
+            continue
+        bad = verify_checkpoint(path)
+        if bad is None:
+            return path
+        log.warning("checkpoint %s cannot be used (%s); trying the one before", path, bad)
+    return None
 
 
 def check_same_model(meta: dict, model_cfg: dict, path: str) -> None:
@@ -86,8 +162,23 @@ def check_same_optimizer(meta: dict, derived: dict, path: str) -> None:
                         f"optim.trust_ratio_policy) or start a new run")
 
 
-def save_checkpoint(accelerator, run_dir: str, meta: dict, keep: int = 0) -> str:
-    """Save the full training state at ``meta['step']``; every process must call this."""
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(accelerator, run_dir: str, meta: dict, keep: int = 0,
+                    extra: Optional[Dict[str, Dict[str, torch.Tensor]]] = None) -> str:
+    """Save the full training state at ``meta['step']``; every process must call this. ``extra`` maps a name to a
+    state dict of tensors saved as ``<name>.safetensors`` beside Accelerate's files (load with load_extra)."""
     path = os.path.join(checkpoint_dir(run_dir), f"step-{meta['step']:08d}")
     tmp = path + ".tmp"
     if accelerator.is_main_process:
@@ -97,11 +188,20 @@ def save_checkpoint(accelerator, run_dir: str, meta: dict, keep: int = 0) -> str
     accelerator.save_state(tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        import safetensors.torch
+        for name, state in (extra or {}).items():
+            safetensors.torch.save_file({k: v.detach().contiguous().cpu() for k, v in state.items()},
+                                        os.path.join(tmp, f"{name}.safetensors"))
+        meta = dict(meta, files=_manifest(tmp))
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
         if os.path.exists(path):
             shutil.rmtree(path)
         os.rename(tmp, path)
+        _fsync_dir(checkpoint_dir(run_dir))
         if keep > 0:
             for old in list_checkpoints(run_dir)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -109,10 +209,36 @@ def save_checkpoint(accelerator, run_dir: str, meta: dict, keep: int = 0) -> str
     return path
 
 
+def _refuse_unsafe(path: str) -> None:
+    """Open every pickle-based file of a checkpoint with weights_only=True (Accelerate reads the RNG states in a
+    try / except that would hide a refusal); a file holding anything but tensors and plain containers stops here."""
+    from accelerate.utils import load as accelerate_load  # weights_only=True plus numpy's RNG-state types
+    for name in sorted(os.listdir(path)):
+        if not name.endswith((".bin", ".pkl", ".pt", ".pth")):
+            continue
+        try:
+            accelerate_load(os.path.join(path, name), map_location="cpu")
+        except pickle.UnpicklingError as e:
+            raise UserError(f"refusing '{os.path.join(path, name)}': it holds pickled objects other than tensors "
+                            f"({str(e).splitlines()[0][:160]}); ssl_bocb never writes such files, so it was not "
+                            f"written by ssl_bocb or was altered; it was not loaded") from None
+        except (RuntimeError, EOFError, OSError, ValueError) as e:
+            raise UserError(f"cannot read '{os.path.join(path, name)}' ({str(e).splitlines()[0][:200]}); the "
+                            f"checkpoint is damaged: resume from the one before it") from None
+
+
 def load_checkpoint(accelerator, path: str) -> dict:
+    _refuse_unsafe(path)
     try:
         accelerator.load_state(path)
     except (RuntimeError, KeyError, ValueError, FileNotFoundError) as e:
         raise UserError(f"cannot load checkpoint '{path}' ({str(e).splitlines()[0][:300]}); was it written "
                         f"by this model and optimizer?") from None
     return read_meta(path)
+
+
+def load_extra(path: str, name: str) -> Optional[Dict[str, torch.Tensor]]:
+    """A state saved with ``save_checkpoint(extra={name: ...})``; None when the checkpoint has none."""
+    import safetensors.torch
+    full = os.path.join(path, f"{name}.safetensors")
+    return safetensors.torch.load_file(full) if os.path.isfile(full) else None

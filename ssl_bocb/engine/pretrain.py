@@ -23,7 +23,8 @@ from ..optim import group_summary, optimizer_from_cfg, record, resolve
 from ..optim import schedules
 from . import checkpoint as ckpt
 from . import logs
-from .step import StepSettings, moco_loss_fn, train_step
+from .step import StepSettings, compute_gradients, guarded_step, moco_loss_fn
+from .telemetry import GradNorms, RunEvents, strict_json
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,55 @@ def epoch_batches(accelerator, loader, dataset, epoch: int, skip: int):
     dataset.set_epoch(epoch)
     loader.set_epoch(epoch)
     return accelerator.skip_first_batches(loader, skip) if skip else loader
+
+
+def check_same_schedule(meta: dict, derived: dict, path: str) -> None:
+    """A resumed run must cut its epochs into the same global batches: the step counter, the schedules and the
+    epoch's remaining images are all read off it. (The number of processes may change; see the README.)"""
+    saved = meta.get("derived", {})
+    old = (saved.get("steps_per_epoch", meta.get("steps_per_epoch")), saved.get("total_steps"))
+    new = (derived["steps_per_epoch"], derived["total_steps"])
+    if old[0] is not None and old != new:
+        raise UserError(f"checkpoint '{path}' was trained with {old[0]} steps per epoch and {old[1]} steps in all, "
+                        f"this config gives {new[0]} and {new[1]}; resume with the train.batch_size, train.epochs and "
+                        f"data settings it was trained with, or start a new run")
+
+
+def _roll_back(accelerator, run_dir: str, events: RunEvents, st, step: int, streak: int, write_summary):
+    """After ``streak`` non-finite steps in a row: back to the newest sound checkpoint written before them, with the
+    lr lowered for the rest of the run; or stop with one line when the rollbacks are spent or there is no such
+    checkpoint. Returns the new (step, streak, last_applied)."""
+    first_bad = step - streak + 1
+    n = events.counts["rollbacks"]
+    if n >= st.max_rollbacks:
+        write_summary("diverged")
+        raise UserError(f"training diverged: {streak} non-finite steps in a row at step {step}, after {n} "
+                        f"rollbacks (lr x{events.lr_scale:g}); lower optim.base_lr, set optim.grad_clip, or raise "
+                        f"stability.max_rollbacks (checkpoints and summary.json are kept)")
+    good = ckpt.newest_sound_checkpoint(run_dir, before_step=first_bad)
+    if good is None:
+        write_summary("diverged")
+        raise UserError(f"training diverged: {streak} non-finite steps in a row at step {step}, before any "
+                        f"checkpoint to roll back to; lower optim.base_lr, set optim.grad_clip, or set "
+                        f"train.save_every_steps so that a rollback has a checkpoint to return to")
+    back = ckpt.load_checkpoint(accelerator, good)
+    events.rollback(step, back["step"], os.path.basename(good), st.rollback_lr_factor)
+    log.warning("rolled back from step %d to %s after %d non-finite steps in a row; lr x%g from here on "
+                "(rollback %d of at most %d)", step, good, streak, events.lr_scale, n + 1, st.max_rollbacks)
+    if accelerator.is_main_process:
+        for f in ("log.jsonl", "steps.jsonl"):
+            logs.truncate_jsonl(os.path.join(run_dir, f), back["step"])
+    write_summary("running")
+    return back["step"], 0, back.get("last_step_applied", True)
+
+
+def _describe(ev: dict) -> str:
+    if ev["kind"] == "grad_spike":
+        return (f"gradient-norm spike {ev['grad_norm']:.3g} (median {ev['median']:.3g}), first in "
+                f"{ev['first_layer']}")
+    if ev["kind"] == "loss_spike":
+        return f"loss spike {ev['loss']:.4g} (median {ev['median']:.4g})"
+    return f"kNN dip to {ev['knn_top1']:.2f} (best so far {ev['best']:.2f})"
 
 
 def _shared_run_dir(cfg: DictConfig, name: str, resume_path: Optional[str]) -> str:
@@ -135,6 +185,7 @@ def pretrain(cfg: DictConfig, name: str = "run") -> str:
     step = 0
     if resume_path:
         ckpt.check_same_optimizer(meta, derived, resume_path)
+        check_same_schedule(meta, derived, resume_path)
         ckpt.load_checkpoint(accelerator, resume_path)
         step = meta["step"]
 
@@ -169,6 +220,12 @@ def pretrain(cfg: DictConfig, name: str = "run") -> str:
     log.info("%d steps per epoch, %d total, %d warmup", steps_per_epoch, total_steps, warmup_steps)
     if resume_path:
         log.info("resumed from %s at step %d (epoch %d)", resume_path, step, step // steps_per_epoch)
+        saved_world = meta.get("derived", {}).get("world_size", world)
+        if saved_world != world:
+            log.info("the checkpoint was written by %d processes, this run has %d: the epoch's remaining images are "
+                     "the same (the global order and batches do not depend on the process count); per-process "
+                     "random streams (drop-path) of processes the checkpoint did not have start afresh",
+                     saved_world, world)
     elif restart:
         log.info("resume=auto found no checkpoint in %s: started again from step 0 (earlier logs cleared)", run_dir)
 
@@ -177,18 +234,42 @@ def pretrain(cfg: DictConfig, name: str = "run") -> str:
             logs.truncate_jsonl(os.path.join(run_dir, f), step)
     tb = _TensorBoard(run_dir, accelerator.is_main_process)
 
+    params = [p for p in model.parameters() if p.requires_grad]
+    norms = GradNorms(unwrapped, params)
+    st = cfg.stability
+    events = RunEvents(norms.names, st.spike_factor, st.spike_window, st.spike_min_history, st.dip_drop,
+                       monitor=monitor is not None)
+    streak, last_applied = 0, True  # non-finite steps in a row; whether the last step changed the weights
+    if resume_path and "events" in meta:
+        events.load(meta["events"])
+        streak, last_applied = meta.get("nonfinite_streak", 0), meta.get("last_step_applied", True)
+    log.info("non-finite guard: skip such steps, roll back after %d in a row (lr x%g, at most %d times); spikes: "
+             "> %g x the median of the previous %d steps; kNN dips: > %g points below the best%s",
+             st.nonfinite_patience, st.rollback_lr_factor, st.max_rollbacks, st.spike_factor, st.spike_window,
+             st.dip_drop, f"; lr x{events.lr_scale:g} after {events.counts['rollbacks']} rollbacks"
+             if events.counts["rollbacks"] else "")
 
     def meta_now(epoch_done):
         return dict(step=step, epoch=step // steps_per_epoch, epochs_done=epoch_done, steps_per_epoch=steps_per_epoch,
-                    config=config_mod.to_dict(cfg), derived=derived)
+                    config=config_mod.to_dict(cfg), derived=derived, events=strict_json(events.state()),
+                    nonfinite_streak=streak, last_step_applied=last_applied)
 
-    params = [p for p in model.parameters() if p.requires_grad]
+    def write_summary(status, **extra):
+        if accelerator.is_main_process:
+            logs.write_json(os.path.join(run_dir, "summary.json"),
+                            events.summary(status, step, total_steps, dict(world_size=world, **extra)))
+
+    def save(epoch_done):
+        path = ckpt.save_checkpoint(accelerator, run_dir, meta_now(epoch_done), cfg.train.keep_checkpoints)
+        write_summary("running", checkpoint=os.path.basename(path))
+        return path
+
+    write_summary("running")
     stop_at = cfg.train.stop_at_step or total_steps
     progress = None
     try:
-        for epoch in range(step // steps_per_epoch, cfg.train.epochs):
-            if step >= stop_at:
-                break
+        while step < stop_at:
+            epoch = step // steps_per_epoch
             skip = step - epoch * steps_per_epoch
             batches = epoch_batches(accelerator, loader, dataset, epoch, skip)
             model.train()
@@ -198,82 +279,115 @@ def pretrain(cfg: DictConfig, name: str = "run") -> str:
             sums = dict(loss=0.0, grad_norm=0.0, n=0)
             skipped = torch.zeros((), device=accelerator.device)
             t_epoch = t_log = time.time()
+            last_logged, rolled_back = step, False
             for (x1, x2), _, n_bad in batches:
-                lr_t = schedules.warmup_cosine(step, total_steps, warmup_steps, lr, lr * cfg.optim.min_lr_ratio)
+                lr_t = events.lr_scale * schedules.warmup_cosine(step, total_steps, warmup_steps, lr,
+                                                                 lr * cfg.optim.min_lr_ratio)
                 wd_t = schedules.cosine(step, total_steps, wd, wd_end)
                 m_t = (schedules.momentum(step, total_steps, cfg.moco.momentum, cfg.moco.momentum_schedule)
                        if unwrapped.has_momentum_encoder else 0.0)
                 schedules.set_group_values(optimizer, lr_t, wd_t)
-                unwrapped.update_momentum(m_t)  # EMA first, then the keys (MoCo v3 Alg. 1)
+                if last_applied:  # EMA first, then the keys (MoCo v3 Alg. 1); once per applied optimizer step
+                    unwrapped.update_momentum(m_t)
                 loss_fn = moco_loss_fn(model, unwrapped, accelerator, x1, x2, cfg.moco.temperature)
-                loss, grad_norm = train_step(model, optimizer, accelerator, params, loss_fn, settings)
+                loss, gvec = compute_gradients(model, optimizer, accelerator, params, loss_fn, settings, norms)
+                if world > 1:  # every process must take the same decision: a non-finite loss anywhere counts
+                    loss = accelerator.reduce(loss, "mean")
+                values = torch.cat([loss.float().view(1), gvec.float()]).tolist()  # the step's one host read
+                loss_v, gn, layer_v = values[0], values[1], values[2:]
+                status = guarded_step(optimizer, accelerator, math.isfinite(loss_v), math.isfinite(gn))
                 step += 1
                 skipped += n_bad.sum()
-                loss_v = loss.item()
-                if not math.isfinite(loss_v):
-                    raise UserError(f"training diverged: loss is {loss_v} at step {step}; lower optim.base_lr, set "
-                                    f"optim.grad_clip, or use train.mixed_precision=no (checkpoints so far are kept)")
-                gn = float(grad_norm) if grad_norm is not None else float("nan")
-                sums["loss"] += loss_v
-                sums["grad_norm"] += gn
-                sums["n"] += 1
                 progress.update(cfg.train.batch_size)
-                progress.set_postfix(loss=f"{loss_v:.4f}", lr=f"{lr_t:.3g}", refresh=False)
-                if step % cfg.train.log_every == 0 or step == stop_at:
+                if status == "nonfinite":
+                    streak, last_applied = streak + 1, False
+                    events.nonfinite(step, loss_v, gn)
+                    log.warning("step %d: non-finite loss %s / gradient norm %s; step skipped (%d in a row)", step,
+                                loss_v, gn, streak)
+                    if streak >= st.nonfinite_patience:
+                        step, streak, last_applied = _roll_back(accelerator, run_dir, events, st, step, streak,
+                                                                write_summary)
+                        rolled_back = True
+                        break
+                elif status == "overflow":
+                    events.overflow()
+                    last_applied = False
+                else:
+                    streak, last_applied = 0, True
+                    for ev in events.observe(step, loss_v, gn, layer_v):
+                        log.warning("step %d: %s", step, _describe(ev))
+                    sums["loss"] += loss_v
+                    sums["grad_norm"] += gn
+                    sums["n"] += 1
+                    progress.set_postfix(loss=f"{loss_v:.4f}", lr=f"{lr_t:.3g}", refresh=False)
+                if (step % cfg.train.log_every == 0 or step == stop_at) and status is None:
                     now = time.time()
-                    n_steps = (step - 1) % cfg.train.log_every + 1
-                    row = dict(step=step, epoch=epoch, loss=float(accelerator.reduce(loss.detach(), "mean")),
-                               lr=lr_t, wd=wd_t, momentum=m_t, grad_norm=gn,
-                               images_per_s=n_steps * cfg.train.batch_size / max(now - t_log, 1e-9),
-                               peak_mem_mb=logs.peak_memory_mb(accelerator.device))
-                    t_log = now
+                    row = dict(step=step, epoch=epoch, loss=loss_v, lr=lr_t, wd=wd_t, momentum=m_t, grad_norm=gn,
+                               images_per_s=(step - last_logged) * cfg.train.batch_size / max(now - t_log, 1e-9),
+                               peak_mem_mb=logs.peak_memory_mb(accelerator.device),
+                               layer_grad_norm=dict(zip(norms.names, layer_v)))
+                    t_log, last_logged = now, step
                     if accelerator.is_main_process:
                         logs.append_jsonl(os.path.join(run_dir, "steps.jsonl"), row)
                         tb.scalars("train", row, step)
                 if cfg.train.save_every_steps and step % cfg.train.save_every_steps == 0:
-                    ckpt.save_checkpoint(accelerator, run_dir, meta_now(False), cfg.train.keep_checkpoints)
+                    save(False)
                 if step >= stop_at:
                     break
             progress.close()
+            if rolled_back:
+                continue
             epoch_done = step == (epoch + 1) * steps_per_epoch
             if not epoch_done:  # stopped mid-epoch (train.stop_at_step)
                 break
             seconds = time.time() - t_epoch
             n_skipped = int(accelerator.reduce(skipped, "sum").item())
-            row = dict(epoch=epoch + 1, step=step, loss=sums["loss"] / max(sums["n"], 1),
-                       grad_norm=sums["grad_norm"] / max(sums["n"], 1), lr=lr_t, wd=wd_t, momentum=m_t,
-                       images_per_s=sums["n"] * cfg.train.batch_size / max(seconds, 1e-9),
+            n = sums["n"]
+            row = dict(epoch=epoch + 1, step=step, loss=sums["loss"] / n if n else None,
+                       grad_norm=sums["grad_norm"] / n if n else None, lr=lr_t, wd=wd_t, momentum=m_t,
+                       images_per_s=(steps_per_epoch - skip) * cfg.train.batch_size / max(seconds, 1e-9),
                        peak_mem_mb=logs.peak_memory_mb(accelerator.device), skipped_images=n_skipped,
-                       seconds=seconds)
+                       seconds=seconds, **{k: events.counts[k] for k in ("grad_spikes", "nonfinite_steps",
+                                                                          "rollbacks")})
             if monitor is not None and ((epoch + 1) % cfg.monitor.knn_every == 0 or epoch + 1 == cfg.train.epochs):
                 row["knn_top1"] = monitor(unwrapped.backbone)
                 model.train()
+                for ev in events.observe_knn(step, epoch + 1, row["knn_top1"]):
+                    log.warning("epoch %d: %s", epoch + 1, _describe(ev))
+                row["knn_dips"] = events.counts["knn_dips"]
             if n_skipped:
                 log.warning("epoch %d: skipped %d unreadable images (see the warnings above)", epoch + 1, n_skipped)
-            log.info("epoch %d/%d  loss %.4f  lr %.3g  m %.4f  %.1f img/s  peak mem %.0f MB%s", epoch + 1,
-                     cfg.train.epochs, row["loss"], lr_t, m_t, row["images_per_s"], row["peak_mem_mb"],
+            log.info("epoch %d/%d  loss %s  lr %.3g  m %.4f  %.1f img/s  peak mem %.0f MB%s", epoch + 1,
+                     cfg.train.epochs, "-" if row["loss"] is None else f"{row['loss']:.4f}", lr_t, m_t,
+                     row["images_per_s"], row["peak_mem_mb"],
                      f"  kNN top-1 {row['knn_top1']:.2f}" if "knn_top1" in row else "")
             if accelerator.is_main_process:
                 logs.append_jsonl(os.path.join(run_dir, "log.jsonl"), row)
                 tb.scalars("epoch", row, step)
             if (epoch + 1) % max(cfg.train.save_every, 1) == 0 or epoch + 1 == cfg.train.epochs:
-                ckpt.save_checkpoint(accelerator, run_dir, meta_now(True), cfg.train.keep_checkpoints)
+                save(True)
     except KeyboardInterrupt:
         if progress is not None:
             progress.close()
         if world == 1 and step > 0:
-            path = ckpt.save_checkpoint(accelerator, run_dir, meta_now(False), cfg.train.keep_checkpoints)
+            path = save(False)
             log.warning("interrupted at step %d; saved %s (continue with resume=auto output_dir=%s)", step, path,
                         run_dir)
+        write_summary("interrupted")
         raise
 
     if step < total_steps:
         latest = ckpt.latest_checkpoint(run_dir)
         if latest is None or ckpt.read_meta(latest)["step"] != step:
-            ckpt.save_checkpoint(accelerator, run_dir, meta_now(False), cfg.train.keep_checkpoints)
+            save(False)
+        write_summary("stopped")
         log.info("stopped at step %d of %d (train.stop_at_step); continue with resume=auto output_dir=%s", step,
                  total_steps, run_dir)
-    elif accelerator.is_main_process:
+    else:
+        write_summary("finished")
+    if events.counts["grad_spikes"] or events.counts["nonfinite_steps"] or events.counts["knn_dips"]:
+        log.info("instability: %s (summary.json)", ", ".join(f"{k} {v}" for k, v in events.counts.items()))
+    if step >= total_steps and accelerator.is_main_process:
         export_backbone(unwrapped.backbone, run_dir, extra=dict(pretrain_step=step))
         log.info("exported %s", os.path.join(run_dir, "backbone.safetensors"))
     if accelerator.is_main_process:
@@ -300,6 +414,9 @@ class _TensorBoard:
         for k, v in row.items():
             if k not in ("step", "epoch") and isinstance(v, (int, float)):
                 self.writer.add_scalar(f"{prefix}/{k}", v, step)
+            elif isinstance(v, dict):  # per-layer values: one chart per layer under <prefix>/<key>/
+                for kk, vv in v.items():
+                    self.writer.add_scalar(f"{prefix}/{k}/{kk}", vv, step)
         self.writer.flush()
 
     def close(self):

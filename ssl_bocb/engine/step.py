@@ -77,9 +77,11 @@ def hessian_pass(double: bool):
     return sdpa_kernel(SDPBackend.MATH) if double else contextlib.nullcontext()
 
 
-def train_step(model: nn.Module, optimizer, accelerator, params, loss_fn: Callable[[], torch.Tensor],
-               settings: StepSettings):
-    """One optimisation step; returns (loss at the current weights, gradient norm before clipping) as tensors."""
+def compute_gradients(model: nn.Module, optimizer, accelerator, params, loss_fn: Callable[[], torch.Tensor],
+                      settings: StepSettings, norms: Optional[Callable[[], torch.Tensor]] = None):
+    """Forward, backward (SAM's second pass, Sophia's graph) and clipping, without the optimizer step. Returns
+    (loss at the current weights, gradient norm before clipping) as tensors; with ``norms`` the second is the vector
+    of the global norm and the per-layer norms (engine.telemetry.GradNorms)."""
     double = hessian_due(optimizer, settings)
     with hessian_pass(double):
         loss = loss_fn()
@@ -91,9 +93,34 @@ def train_step(model: nn.Module, optimizer, accelerator, params, loss_fn: Callab
     if settings.sam_rho > 0:
         sam_second_pass(model, optimizer, accelerator, params, loss_fn, settings)
     grad_norm = clip_gradients(accelerator, optimizer, params, settings.clip_mode, settings.clip,
-                               settings.first_layer)
-    optimizer.step()
+                               settings.first_layer, norms)
     return loss.detach(), grad_norm
+
+
+def train_step(model: nn.Module, optimizer, accelerator, params, loss_fn: Callable[[], torch.Tensor],
+               settings: StepSettings):
+    """One optimisation step; returns (loss at the current weights, gradient norm before clipping) as tensors."""
+    loss, grad_norm = compute_gradients(model, optimizer, accelerator, params, loss_fn, settings)
+    optimizer.step()
+    return loss, grad_norm
+
+
+def guarded_step(optimizer, accelerator, finite_loss: bool, finite_grads: bool) -> Optional[str]:
+    """The optimizer step of the non-finite guard; returns None (applied), "nonfinite" (skipped: the loss or a
+    gradient is not finite) or "overflow" (fp16: the loss scaler skipped the step and lowered its scale).
+
+    With an fp16 loss scaler the scaler sees every step, so that it can lower its scale: it skips the steps with
+    non-finite gradients itself; those with a finite loss are overflow skips, a non-finite loss is divergence."""
+    if accelerator.scaler is not None:
+        optimizer.step()
+        if not finite_loss:
+            return "nonfinite"
+        return "overflow" if accelerator.optimizer_step_was_skipped else None
+    if not (finite_loss and finite_grads):
+        optimizer.zero_grad(set_to_none=True)
+        return "nonfinite"
+    optimizer.step()
+    return None
 
 
 def sam_second_pass(model, optimizer, accelerator, params, loss_fn, settings: StepSettings) -> None:

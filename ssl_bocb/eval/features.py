@@ -117,6 +117,25 @@ def feature_cache_key(digest: str, data_cfg, split: str, subset: int, transform,
     return hashlib.sha256(desc.encode()).hexdigest()[:24]
 
 
+def load_cached(path: str):
+    """A feature-cache file read with weights_only=True. A file holding other pickled objects is refused (it was not
+    written here, or was altered); a damaged one is reported and recomputed (None)."""
+    import pickle
+    try:
+        blob = torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UserError(f"refusing feature cache '{path}': it holds pickled objects other than tensors "
+                        f"({str(e).splitlines()[0][:160]}); ssl_bocb never writes such files; delete it (or set "
+                        f"use_cache=false) and run again; it was not loaded") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        log.warning("feature cache %s is damaged (%s); computing the features again", path, str(e).splitlines()[0])
+        return None
+    if not (isinstance(blob, dict) and torch.is_tensor(blob.get("features")) and torch.is_tensor(blob.get("labels"))):
+        log.warning("feature cache %s does not hold features and labels; computing them again", path)
+        return None
+    return blob
+
+
 def cached_features(backbone: nn.Module, digest: str, dataset, data_cfg, split: str, subset: int, accelerator,
                     batch_size: int, use_cache: bool = True, cache_dir: str = "") -> Tuple[torch.Tensor, torch.Tensor, bool]:
     """Features from the cache when the same weights, dataset, split, subset and transform were embedded before;
@@ -124,9 +143,10 @@ def cached_features(backbone: nn.Module, digest: str, dataset, data_cfg, split: 
     key = feature_cache_key(digest, data_cfg, split, subset, dataset.transform, str(accelerator.mixed_precision))
     path = os.path.join(default_cache_dir(cache_dir), "features", f"{key}.pt")
     if use_cache and os.path.isfile(path):
-        blob = torch.load(path, weights_only=True)
-        log.info("feature cache hit for %s %s (%s)", data_cfg.name, split, path)
-        return blob["features"], blob["labels"], True
+        blob = load_cached(path)
+        if blob is not None:
+            log.info("feature cache hit for %s %s (%s)", data_cfg.name, split, path)
+            return blob["features"], blob["labels"], True
     feats, labels = extract_features(backbone, dataset, accelerator, batch_size, data_cfg.num_workers,
                                      desc=f"{data_cfg.name} {split}")
     if use_cache and accelerator.is_main_process:

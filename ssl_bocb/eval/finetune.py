@@ -128,9 +128,8 @@ def run_finetune(cfg) -> Dict:
     test_loader = DataLoader(test_ds, batch_size=max(per_device, 64), shuffle=False, num_workers=cfg.data.num_workers)
     ema = ModelEmaV3(model, decay=fc.ema_decay) if fc.ema_decay > 0 else None
     model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
-    if ema is not None:
+    if ema is not None:  # checkpointed as ema.safetensors (not through Accelerate's pickled custom states)
         ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
     mixup = Mixup(mixup_alpha=fc.mixup, cutmix_alpha=fc.cutmix, prob=fc.mixup_prob,
                   label_smoothing=fc.label_smoothing, num_classes=num_classes) if use_mix else None
     soft_ce = SoftTargetCrossEntropy()
@@ -148,6 +147,12 @@ def run_finetune(cfg) -> Dict:
     if resume_path:  # before anything is written: a checkpoint that does not fit fails cleanly
         ckpt.check_same_optimizer(ckpt.read_meta(resume_path), derived, resume_path)
         step = ckpt.load_checkpoint(accelerator, resume_path)["step"]
+        if ema is not None:
+            state = ckpt.load_extra(resume_path, "ema")
+            if state is None:
+                raise UserError(f"checkpoint '{resume_path}' holds no EMA weights (ema.safetensors) but "
+                                f"finetune.ema_decay={fc.ema_decay}; resume with the ema_decay it was trained with")
+            ema.load_state_dict(state)
     if accelerator.is_main_process:
         logs.claim_run_dir(out_dir, resuming or restart, cfg.overwrite)
         if restart:
@@ -217,7 +222,8 @@ def run_finetune(cfg) -> Dict:
             logs.append_jsonl(os.path.join(out_dir, "log.jsonl"), row)
         if (epoch + 1) % max(fc.save_every, 1) == 0 or epoch + 1 == fc.epochs:
             ckpt.save_checkpoint(accelerator, out_dir, dict(step=step, epoch=epoch + 1, config=to_dict(cfg),
-                                                             derived=derived), keep=1)
+                                                             derived=derived), keep=1,
+                                 extra=None if ema is None else {"ema": ema.state_dict()})
     history = logs.read_jsonl(os.path.join(out_dir, "log.jsonl"))
     final = history[-1] if history else row
     protocol = dict(to_dict(fc), lr=lr, train_transform=repr(train_tf), eval_transform=repr(eval_transform(cfg.data)),
