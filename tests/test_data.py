@@ -156,6 +156,30 @@ def test_native_cifar10_and_cifar100_files(tmp_path):
         build_dataset(cfg, "train", eval_transform(cfg))
 
 
+class _RunsCode:
+    """Unpickling this writes a file: what a tampered dataset file could do with a plain ``pickle.load``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_tampered_cifar_file_is_refused_without_running_its_code(tmp_path):
+    import numpy as np
+    c10 = tmp_path / "cifar-10-batches-py"
+    c10.mkdir()
+    marker = tmp_path / "ran"
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        _write_pickle(c10 / name, {"data": np.zeros((2, 3072), dtype=np.uint8), "labels": [0, 1]})
+    _write_pickle(c10 / "batches.meta", {"label_names": ["a", "b"], "x": _RunsCode(marker)})
+    cfg = data_cfg("data.name=cifar10", f"data.root={tmp_path}")
+    with pytest.raises(UserError, match="cifar10 files under .* are unreadable .*open is not an array"):
+        build_dataset(cfg, "train", eval_transform(cfg))
+    assert not marker.exists()
+
+
 def test_native_stl10_files(tmp_path):
     import numpy as np
     rng = np.random.default_rng(0)

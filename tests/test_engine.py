@@ -129,12 +129,16 @@ def _launch2(*args):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
 
 
-def test_two_process_run_with_accelerate_launch(tmp_path):
-    proc = _launch2(f"output_dir={tmp_path / 'ddp'}", "train.epochs=1")
+def test_two_process_run_with_accelerate_launch(tmp_path, caplog):
+    proc = _launch2(f"output_dir={tmp_path / 'ddp'}", "train.stop_at_step=5")  # stopped in epoch 2 of 2
     assert proc.returncode == 0, proc.stderr[-3000:]
     import yaml
     derived = yaml.safe_load(open(tmp_path / "ddp" / "config.yaml"))["derived"]
     assert derived["world_size"] == 2 and derived["per_device_batch"] == 8
+    # resumed on one process: the epoch goes on with the images the two processes had not trained on
+    run(tmp_path / "ddp", "resume=auto")
+    assert "the checkpoint was written by 2 processes, this run has 1" in caplog.text
+    assert [json.loads(line)["step"] for line in open(tmp_path / "ddp" / "steps.jsonl")] == list(range(1, 9))
     assert os.path.isfile(tmp_path / "ddp" / "backbone.safetensors")
     bad = _launch2(f"output_dir={tmp_path / 'bad'}", "train.batch_size=15")
     assert bad.returncode != 0

@@ -68,13 +68,48 @@ class _FilesPresent:
                    for name, _ in self.train_list + self.test_list)
 
 
+class _ArraysOnly(pickle.Unpickler):
+    """An unpickler for the CIFAR batch files: dicts, lists, strings, numbers and numpy arrays, nothing else. A
+    plain ``pickle.load`` runs whatever code a tampered file names; this one refuses every other global."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not an array; the file is not a CIFAR batch")
+
+
+def read_arrays_pickle(path: str):
+    """The object in ``path``, unpickled with :class:`_ArraysOnly` (latin1 strings, as the CIFAR files need)."""
+    with open(path, "rb") as f:
+        return _ArraysOnly(f, encoding="latin1").load()
+
+
 class CIFAR10Files(_FilesPresent, tvd.CIFAR10):
+    """torchvision's CIFAR-10 with its files read by the arrays-only unpickler instead of ``pickle.load``."""
+
+    def __init__(self, root, train: bool = True, transform=None, target_transform=None, download: bool = False):
+        tvd.VisionDataset.__init__(self, root, transform=transform, target_transform=target_transform)
+        self.train = train
+        if download:
+            self.download()
+        if not self._check_integrity():
+            raise RuntimeError("dataset files not found")
+        data, self.targets = [], []
+        for file_name, _ in (self.train_list if train else self.test_list):
+            entry = read_arrays_pickle(os.path.join(self.root, self.base_folder, file_name))
+            data.append(entry["data"])
+            self.targets.extend(entry["labels"] if "labels" in entry else entry["fine_labels"])
+        self.data = np.vstack(data).reshape(-1, 3, 32, 32).transpose((0, 2, 3, 1))  # HWC
+        self._load_meta()
+
     def _load_meta(self) -> None:
         path = os.path.join(self.root, self.base_folder, self.meta["filename"])
         if not os.path.isfile(path):
             raise RuntimeError(f"{path} is missing")
-        with open(path, "rb") as f:
-            self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
+        self.classes = read_arrays_pickle(path)[self.meta["key"]]
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
 
 

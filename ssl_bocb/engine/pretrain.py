@@ -24,7 +24,7 @@ from ..optim import schedules
 from . import checkpoint as ckpt
 from . import logs
 from .step import StepSettings, compute_gradients, guarded_step, moco_loss_fn
-from .telemetry import GradNorms, RunEvents, strict_json
+from .telemetry import BufferSnapshot, GradNorms, RunEvents, strict_json
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +236,7 @@ def pretrain(cfg: DictConfig, name: str = "run") -> str:
 
     params = [p for p in model.parameters() if p.requires_grad]
     norms = GradNorms(unwrapped, params)
+    buffers = BufferSnapshot(unwrapped)
     st = cfg.stability
     events = RunEvents(norms.names, st.spike_factor, st.spike_window, st.spike_min_history, st.dip_drop,
                        monitor=monitor is not None)
@@ -289,6 +290,7 @@ def pretrain(cfg: DictConfig, name: str = "run") -> str:
                 schedules.set_group_values(optimizer, lr_t, wd_t)
                 if last_applied:  # EMA first, then the keys (MoCo v3 Alg. 1); once per applied optimizer step
                     unwrapped.update_momentum(m_t)
+                buffers.save()
                 loss_fn = moco_loss_fn(model, unwrapped, accelerator, x1, x2, cfg.moco.temperature)
                 loss, gvec = compute_gradients(model, optimizer, accelerator, params, loss_fn, settings, norms)
                 if world > 1:  # every process must take the same decision: a non-finite loss anywhere counts
@@ -300,6 +302,7 @@ def pretrain(cfg: DictConfig, name: str = "run") -> str:
                 skipped += n_bad.sum()
                 progress.update(cfg.train.batch_size)
                 if status == "nonfinite":
+                    buffers.restore()  # BatchNorm statistics of a diverging forward would poison later steps
                     streak, last_applied = streak + 1, False
                     events.nonfinite(step, loss_v, gn)
                     log.warning("step %d: non-finite loss %s / gradient norm %s; step skipped (%d in a row)", step,

@@ -2,8 +2,8 @@
 run's ``summary.json``.
 
 Layers: the first layer (a ViT's patch projection, else the first convolution), each block (ViT ``block<i>``,
-ResNet ``layer<s>.<b>``), whatever else the backbone trains (``backbone_rest``: class token, norms, stem BN), the
-projector and the predictor. Their gradient norms are computed on the device in one pass (one norm per tensor,
+ResNet ``layer<s>.<b>``), what the backbone trains outside its blocks (``stem`` before them: class token, position
+embedding, a ResNet's first BN; ``top`` after them: the final norm), the projector and the predictor. Their gradient norms are computed on the device in one pass (one norm per tensor,
 summed per layer by index), so the whole telemetry adds no host read per parameter: the training loop reads one
 small vector per step (loss, global norm, layer norms), which is also what the non-finite guard decides on.
 
@@ -46,7 +46,7 @@ def layer_names(model: nn.Module, params: List[nn.Parameter]) -> List[str]:
         first = {id(p) for p in first_layer_parameters(model.backbone)}
     except Exception:  # a backbone without a first convolution: no first-layer group
         first = set()
-    names = {}
+    names, seen_block = {}, False
     for name, p in model.named_parameters():
         if id(p) in first:
             names[id(p)] = "first_layer"
@@ -56,7 +56,10 @@ def layer_names(model: nn.Module, params: List[nn.Parameter]) -> List[str]:
             names[id(p)] = head
         elif head == "backbone":
             m = _BLOCK.match(rest)
-            names[id(p)] = ("backbone_rest" if m is None else
+            seen_block = seen_block or m is not None
+            # outside the blocks: the stem (class token, position embedding, a ResNet's first BatchNorm) before
+            # them, the final norm after them
+            names[id(p)] = (("top" if seen_block else "stem") if m is None else
                             f"block{m.group(1)}" if m.group(1) is not None else f"{m.group(2)}.{m.group(3)}")
         else:
             names[id(p)] = head
@@ -89,6 +92,24 @@ class GradNorms:
         sq = torch.stack([n.float() for n in norms]).square()
         per_layer = torch.zeros(len(self.names), device=device).index_add_(0, self._index, sq)
         return torch.cat([per_layer.sum().view(1), per_layer]).sqrt()
+
+
+class BufferSnapshot:
+    """A copy of a model's buffers (BatchNorm statistics) taken before each step, put back when the guard skips
+    the step: a forward that diverged must not leave its statistics behind. One copy kernel per step."""
+
+    def __init__(self, model: nn.Module):
+        self.buffers = [b for b in model.buffers()]
+        self.copies = [b.detach().clone() for b in self.buffers]
+
+    def save(self) -> None:
+        if self.buffers:
+            torch._foreach_copy_(self.copies, self.buffers)
+
+    def restore(self) -> None:
+        if self.buffers:
+            with torch.no_grad():
+                torch._foreach_copy_(self.buffers, self.copies)
 
 
 class RunEvents:
