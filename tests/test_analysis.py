@@ -330,3 +330,28 @@ def test_sharpness_of_a_real_vit_run_is_reproducible(tmp_path):
     assert math.isfinite(a["hessian_top_eig"]) and a["hessian_top_eig"] != 0
     assert a["hessian_history"] == b["hessian_history"]            # fixed batch, augmentations and start vector
     assert list(a["activation"]) == ["blocks.0", "blocks.1"] and 0 < a["activation_mean"] < 1
+
+
+def test_report_shows_each_runs_instability_from_its_summary_json(tmp_path):
+    path = tmp_path / "study.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["backbone", "optimizer", "seed", "score", "folder"])
+        for i, (b, o, spikes_, nan, rb) in enumerate([("vit", "lamb", 5, 7, 1), ("vit", "lamb", 3, 0, 0),
+                                                       ("vit", "adamw", 0, 0, 0), ("r18", "lamb", 1, 0, 0)]):
+            run_dir = tmp_path / f"run{i}"
+            run_dir.mkdir()
+            (run_dir / "summary.json").write_text(json.dumps({
+                "status": "finished", "step": 100, "events": {
+                    "grad_spikes": spikes_, "loss_spikes": 0, "knn_dips": None, "nonfinite_steps": nan,
+                    "overflow_skips": 0, "rollbacks": rb},
+                "first_layer_counts": {"first_layer": spikes_} if spikes_ else {}}))
+            w.writerow([b, o, i, 50 + i, str(run_dir)])
+    out = tmp_path / "report"
+    code, _, stderr = analyze_cli(str(path), "--out", str(out), "--no-weights")
+    assert code == 0, stderr
+    md = (out / "report.md").read_text()
+    assert "| run0 | summary.json | 100 | 5 | 0 | - | 7 | 1 | first_layer x5 |" in md
+    assert "| vit | lamb | 4.00 | - | 3.50 | 0.50 |" in md  # the pair's mean over its two runs
+    data = json.loads((out / "bocb.json").read_text())
+    assert data["stability"]["run1"]["first_layers"] == {"first_layer": 3}

@@ -131,8 +131,12 @@ def test_run_finishes_every_cell_and_collects(finished):
     assert [r["optimizer"] for r in rows] == ["sgd", "adamw"] and all(r["state"] == "done" for r in rows)
     assert all(0 <= float(r["knn_top1"]) <= 100 and float(r["final_loss"]) > 0 for r in rows)
     assert all(float(r["images_per_s"]) > 0 and float(r["peak_mem_mb"]) > 0 for r in rows)
+    for r, cell in zip(rows, p.cells):  # instability counts come from each run's summary.json
+        events = json.load(open(os.path.join(cell.folder, "summary.json")))["events"]
+        assert r["nonfinite_steps"] == str(events["nonfinite_steps"]) and r["grad_spikes"] != ""
     md = open(os.path.join(p.output_dir, "results.md")).read()
     assert md.startswith("| optimizer | seed | state | knn top1") and md.count("\n") == 4
+    assert "| grad spikes | kNN dips | NaN steps | rollbacks |" in md
     assert "| sgd |" in proc.stdout  # the table is printed at the end of `run`
     assert os.path.getsize(os.path.join(p.output_dir, "results.png")) > 1000
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -608,12 +608,27 @@ def analyze(source_path: str, out_dir: str, opts: Options = Options(), progress:
                     None if pair_mean(flops, (b, o)) is None else pair_mean(flops, (b, o)) / 1e15]
                    for b, o in pairs])
         doc.h(2, "Stability")
-        doc.p("Per run, counted from its logs (or its summary.json where the run wrote one): gradient-norm and loss "
-              "spikes (a logged value above 3 x the median of the 20 before it) and kNN-monitor dips (a reading more "
-              "than 2 points below the best before it; '-' when the run had no monitor).")
-        doc.table(["run", "source", "logged steps", "grad-norm spikes", "loss spikes", "kNN dips"],
+        doc.p("Per run, from its summary.json (counted online by the training loop on every step) or, for a run "
+              "that wrote none, from its logs: gradient-norm and loss spikes (a value above 3 x the median of the "
+              "20 before it; consecutive spiking steps are one event), kNN-monitor dips (a reading more than 2 points "
+              "below the best before it; '-' when the run had no monitor), steps skipped for a non-finite loss or "
+              "gradient, rollbacks to an earlier checkpoint, and the layer whose gradient norm spiked first.")
+
+        def first_layers(e):
+            counts = e.get("first_layers") or {}
+            return ", ".join(f"{n} x{c}" for n, c in counts.items()) or None
+        doc.table(["run", "source", "steps", "grad-norm spikes", "loss spikes", "kNN dips", "non-finite steps",
+                   "rollbacks", "spiked first"],
                   [[k, e["source"], e.get("logged_steps"), e.get("grad_spikes"), e.get("loss_spikes"),
-                    e.get("knn_dips")] for k, e in events.items()])
+                    e.get("knn_dips"), e.get("nonfinite_steps"), e.get("rollbacks"), first_layers(e)]
+                   for k, e in events.items()])
+        if len(pairs) > 1 or len(folders) > len(pairs):
+            def pair_events(name, pair):
+                return pair_mean({k: e.get(name) for k, e in events.items()}, pair)
+            doc.p("Per (backbone, optimizer), the mean over its runs.")
+            doc.table(["backbone", "optimizer", "grad-norm spikes", "kNN dips", "non-finite steps", "rollbacks"],
+                      [[b, o] + [pair_events(n, (b, o)) for n in ("grad_spikes", "knn_dips", "nonfinite_steps",
+                                                                  "rollbacks")] for b, o in pairs])
         for values, name, label in ((seen, "images", "images seen in pretraining"),
                                     (flops, "flops", "pretraining FLOPs (approximate: 8 x backbone forward)")):
             pts = [(by_key[k]["backbone"], by_key[k]["optimizer"], float(v), by_key[k]["score"])

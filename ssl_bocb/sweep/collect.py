@@ -1,5 +1,6 @@
 """One table per sweep: a row per cell (one per seed) with its axis values, every stage's top-1 / top-5, the
-pretraining's final loss, images/s, peak memory and wall time, its state and folder. Written as results.csv,
+pretraining's final loss, images/s, peak memory and wall time, its instability events (from the run's summary.json:
+gradient spikes, kNN dips, non-finite steps, rollbacks), its state and folder. Written as results.csv,
 results.md, results.json, TensorBoard HParams (``tb_hparams/``, one run per cell) and results.png (a heatmap of the
 first metric over the first axis against the others, the mean over seeds)."""
 from __future__ import annotations
@@ -18,6 +19,7 @@ from .runner import cell_status, result_file
 
 METRICS = [f"{s}_{k}" for s in ("knn", "linprobe", "finetune") for k in ("top1", "top5")]
 PRETRAIN = ["final_loss", "images_per_s", "peak_mem_mb"]
+EVENTS = ["grad_spikes", "knn_dips", "nonfinite_steps", "rollbacks"]
 
 
 def _fmt(v, digits: int = 2) -> str:
@@ -40,6 +42,14 @@ def cell_row(plan: Plan, cell) -> Dict:
         row.update(final_loss=epochs[-1]["loss"], epochs_done=epochs[-1]["epoch"],
                    images_per_s=statistics.median(rates[1:] if len(rates) > 1 else rates),
                    peak_mem_mb=max(r.get("peak_mem_mb", 0.0) for r in epochs))
+    summary = os.path.join(cell.folder, "summary.json")
+    if os.path.isfile(summary):
+        try:
+            with open(summary) as f:
+                ev = json.load(f).get("events", {})
+        except (OSError, ValueError):  # written atomically, so only a hand-edited file gets here
+            ev = {}
+        row.update({k: ev[k] for k in EVENTS if k in ev})
     for stage in ("knn", "linprobe", "finetune"):
         path = result_file(cell, stage)
         if os.path.isfile(path) and stage not in st["left"]:
@@ -62,14 +72,17 @@ def columns(plan: Plan, rows: List[Dict]) -> List[str]:
     label_keys = list(dict.fromkeys(k for c in plan.cells for k in c.labels))
     metric_cols = [m for m in METRICS if any(m in r for r in rows)]
     timing = [k for k in ("pretrain_s", "knn_s", "linprobe_s", "finetune_s") if any(k in r for r in rows)]
+    events = [k for k in EVENTS if any(k in r for r in rows)]
     return (["cell", "hash"] + label_keys + ["timm_model", "optim_name", "state"] + metric_cols + PRETRAIN +
-            ["epochs_done"] + timing + ["wall_s", "error", "folder"])
+            events + ["epochs_done"] + timing + ["wall_s", "error", "folder"])
 
 
 def markdown(plan: Plan, rows: List[Dict], cols: List[str]) -> str:
     shown = [c for c in cols if c not in ("cell", "hash", "folder", "timm_model", "optim_name", "epochs_done",
                                            "pretrain_s", "knn_s", "linprobe_s", "finetune_s")]
-    head = {"final_loss": "final loss", "images_per_s": "img/s", "peak_mem_mb": "peak MB", "wall_s": "wall s"}
+    head = {"final_loss": "final loss", "images_per_s": "img/s", "peak_mem_mb": "peak MB", "wall_s": "wall s",
+            "grad_spikes": "grad spikes", "knn_dips": "kNN dips", "nonfinite_steps": "NaN steps",
+            "rollbacks": "rollbacks"}
     lines = ["| " + " | ".join(head.get(c, c.replace("_", " ")) for c in shown) + " |",
              "| " + " | ".join("---" for _ in shown) + " |"]
     for r in rows:
@@ -91,7 +104,7 @@ def hparams(plan: Plan, rows: List[Dict], out: str) -> str:
     for r, cell in zip(rows, plan.cells):
         hp = {k: str(v) for k, v in cell.labels.items()}
         hp.update(timm_model=r["timm_model"], optim_name=r["optim_name"], state=r["state"])
-        metrics = {f"hparam/{k}": float(r[k]) for k in METRICS + PRETRAIN + ["wall_s"]
+        metrics = {f"hparam/{k}": float(r[k]) for k in METRICS + PRETRAIN + EVENTS + ["wall_s"]
                    if isinstance(r.get(k), (int, float)) and math.isfinite(r[k])}
         w = SummaryWriter(os.path.join(folder, cell.id))
         w.add_hparams(hp, metrics, run_name=".")
