@@ -172,8 +172,9 @@ class TrainConfig:
     warmup_epochs: float = 10.0
     # Global batch size over all processes; must divide by the number of processes.
     batch_size: int = 256
-    # no | bf16 | fp16, through Accelerate.
-    mixed_precision: str = "no"
+    # auto | no | bf16 | fp16, through Accelerate. auto: bf16 where the device computes it natively (GPUs with bf16,
+    # CPUs with AVX-512 BF16 / AMX), else fp32; bf16 on a CPU without them is emulated, tens of times slower.
+    mixed_precision: str = "auto"
     # Convert BatchNorm to SyncBatchNorm when more than one process runs (MoCo v3 does).
     sync_bn: bool = True
     # Save a checkpoint every N epochs (and always at the end).
@@ -314,7 +315,8 @@ class EvalConfig:
     batch_size: int = 256
     # Reuse features cached under data.cache_dir for the same weights, data, split and transform.
     cache_features: bool = True
-    mixed_precision: str = "no"
+    # auto | no | bf16 | fp16 for feature extraction and fine-tuning, as train.mixed_precision.
+    mixed_precision: str = "auto"
     cpu: bool = False
     data: DataConfig = field(default_factory=DataConfig)
     # Used only without a checkpoint (the random-init baseline) and for fine-tuning from scratch.
@@ -336,8 +338,8 @@ CHOICES = {
     "optim.weight_decay_policy": ("all", "exclude_1d", "exclude_1d_tokens"),
     "optim.trust_ratio_policy": ("exclude_1d", "all"),
     "optim.grad_clip_mode": ("norm", "first_layer", "agc"),
-    "train.mixed_precision": ("no", "bf16", "fp16"),
-    "mixed_precision": ("no", "bf16", "fp16"),
+    "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
+    "mixed_precision": ("auto", "no", "bf16", "fp16"),
     "knn.backend": ("auto", "faiss", "torch"),
     "linear.mode": ("cached", "full"),
     "finetune.optim.lr_scaling": ("linear", "sqrt", "none"),

@@ -7,6 +7,10 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.environ.get("SSL_BOCB_TEST_DATA", os.path.join(os.path.dirname(REPO), "shared", "data"))
 
+# train.mixed_precision=auto picks bf16 on CPUs with AVX-512 BF16 / AMX: the tests answer "emulated" everywhere, so
+# that they compute in fp32 and give the same results on every CI machine (test_precision.py tests the detection).
+os.environ["SSL_BOCB_CPU_BF16"] = "0"
+
 # Tiny, fast pretraining settings on the synthetic dataset.
 TINY = ["data.name=fake", "data.num_workers=0", "model.hidden_dim=64", "model.out_dim=32", "train.batch_size=16",
         "train.epochs=2", "train.warmup_epochs=1", "train.log_every=1", "optim.base_lr=1e-3"]

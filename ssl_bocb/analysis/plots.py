@@ -48,6 +48,7 @@ def training_curves(run_dir: str, out_png: str = None) -> str:
         cmap = plt.get_cmap("viridis")
         for n in layers:  # per layer: the first layer in red, the blocks shallow to deep, the heads dashed
             style = (dict(color="tab:red", lw=1.2) if n == "first_layer" else
+                     dict(color="tab:orange", lw=1.0) if n == "stem" else
                      dict(color="0.4", lw=0.8, ls="--") if n in ("projector", "predictor") else
                      dict(color=cmap(blocks.index(n) / max(1, len(blocks) - 1)), lw=0.6, alpha=0.8))
             axes[2].plot(x, [r.get("layer_grad_norm", {}).get(n, float("nan")) for r in src], label=n, **style)
@@ -57,7 +58,7 @@ def training_curves(run_dir: str, out_png: str = None) -> str:
         axes[2].set_yscale("log")
         if layers:
             shown = [h for h, n in zip(*axes[2].get_legend_handles_labels())
-                     if n in ("global", "first_layer", "projector", "predictor")]
+                     if n in ("global", "first_layer", "stem", "projector", "predictor")]
             axes[2].legend(handles=shown, fontsize=7, loc="best")
     n_spikes = (summary.get("events") or {}).get("grad_spikes")
     axes[2].set(title="gradient norm" + (f" ({n_spikes} spikes: red lines)" if n_spikes else ""), xlabel="step")

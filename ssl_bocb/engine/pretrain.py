@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
+from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed
 from omegaconf import DictConfig
 from torch import nn
@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from .. import config as config_mod
 from ..analysis.plots import training_curves
 from ..data import build_dataset, order_seed, pretrain_transform
+from ..device import resolve_precision
 from ..errors import UserError
 from ..models import build_moco, export_backbone
 from ..optim import group_summary, optimizer_from_cfg, record, resolve
@@ -38,13 +39,15 @@ def make_accelerator(train_cfg, seed: int = 0) -> Accelerator:
     cpu = train_cfg.cpu or (launched and not torch.accelerator.is_available())
     if not launched:  # one process may run several stages (quickstart, tests), each with its own settings
         AcceleratorState._reset_state(reset_partial_state=True)
+    where = "train.mixed_precision" if hasattr(train_cfg, "warmup_epochs") else "mixed_precision"
+    # the device first (Accelerate's process state decides it), then the precision that suits it
+    precision = resolve_precision(train_cfg.mixed_precision, PartialState(cpu=cpu).device, where)
     try:
-        return Accelerator(mixed_precision=train_cfg.mixed_precision, cpu=cpu,
+        return Accelerator(mixed_precision=precision, cpu=cpu,
                            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True,
                                                                      data_seed=order_seed(seed)))
     except ValueError as e:
-        raise UserError(f"train.mixed_precision={train_cfg.mixed_precision} cannot run here ({e}); "
-                        f"use bf16 or no on CPU") from None
+        raise UserError(f"{where}={precision} cannot run here ({e}); use auto, bf16 or no on CPU") from None
 
 
 def epoch_batches(accelerator, loader, dataset, epoch: int, skip: int):
@@ -175,7 +178,7 @@ def pretrain(cfg: DictConfig, name: str = "run") -> str:
     wd_end = wd if cfg.optim.weight_decay_end is None else cfg.optim.weight_decay_end
     derived = dict(lr=lr, world_size=world, per_device_batch=per_device, steps_per_epoch=steps_per_epoch,
                    total_steps=total_steps, warmup_steps=warmup_steps, train_images=len(dataset),
-                   param_groups=groups,
+                   mixed_precision=accelerator.mixed_precision, param_groups=groups,
                    optimizer=optimizer_record, backbone=unwrapped.backbone.ssl_bocb_spec)
 
     monitor = None

@@ -24,6 +24,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch import nn
 
+from ..device import cpu_has_native_bf16
 from ..errors import UserError
 from .param_groups import param_groups
 
@@ -146,16 +147,6 @@ TABLE: Dict[str, Entry] = {e.name: e for e in [
           fixed=dict(decoupled_decay=True, deterministic=True),
           notes="Kronecker-factored preconditioner, update probability annealed 1 -> 0.03 (timm schedule)"),
 ]}
-
-
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU runs bf16 matrix products natively (AVX-512 BF16 or AMX); False where unknown."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return bool({"avx512_bf16", "amx_bf16"} & set(flags))
 
 
 def valid_names() -> List[str]:
