@@ -10,6 +10,16 @@ def read_jsonl(path: str):
         return [json.loads(line) for line in f if line.strip()]
 
 
+def read_summary(run_dir: str) -> dict:
+    """A run's summary.json (status and instability events); {} when it has none. It is written atomically, so
+    only a hand-edited file is unreadable, and that too reads as none."""
+    try:
+        with open(os.path.join(run_dir, "summary.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
 def _pyplot():
     import matplotlib
     matplotlib.use("Agg")
@@ -35,13 +45,7 @@ def training_curves(run_dir: str, out_png: str = None) -> str:
         ax = axes[1].twinx()
         ax.plot(x, [r["momentum"] for r in src], color="tab:orange", label="EMA momentum")
         ax.set_ylabel("EMA momentum", color="tab:orange")
-    summary = {}
-    if os.path.isfile(os.path.join(run_dir, "summary.json")):
-        try:
-            with open(os.path.join(run_dir, "summary.json")) as f:
-                summary = json.load(f)
-        except (OSError, ValueError):
-            summary = {}
+    summary = read_summary(run_dir)
     if "grad_norm" in src[0]:
         layers = list(dict.fromkeys(k for r in src for k in r.get("layer_grad_norm", {})))
         blocks = [n for n in layers if n not in ("first_layer", "projector", "predictor")]

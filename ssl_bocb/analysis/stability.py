@@ -9,7 +9,6 @@ A run's own ``summary.json`` counts (written by runs that detect events while tr
 counts recomputed here from steps.jsonl / log.jsonl, which see only the logged steps."""
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections import deque
@@ -17,7 +16,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
-from .plots import read_jsonl
+from .plots import read_jsonl, read_summary
 
 SPIKE_FACTOR = 3.0
 SPIKE_WINDOW = 20
@@ -33,24 +32,20 @@ class SpikeDetector:
                  min_history: int = SPIKE_MIN_HISTORY, history: Sequence[float] = ()):
         self.factor, self.window, self.min_history = factor, window, min_history
         self.history = deque(history, maxlen=window)
-        self.seen = len(self.history)
 
     def update(self, x: float) -> Tuple[bool, float]:
         """(spike?, median of the finite values in the window before ``x``; nan while there are too few)."""
         past = [v for v in self.history if math.isfinite(v)]
         med = float(np.median(past)) if len(past) >= self.min_history else math.nan
-        spike = (self.seen >= self.min_history and math.isfinite(x) and math.isfinite(med)
-                 and x > self.factor * med)
+        spike = math.isfinite(x) and math.isfinite(med) and x > self.factor * med
         self.history.append(float(x))
-        self.seen += 1
         return bool(spike), med
 
     def state(self) -> Dict:
-        return dict(history=[float(v) for v in self.history], seen=self.seen)
+        return dict(history=[float(v) for v in self.history])
 
     def load(self, state: Dict) -> None:
         self.history = deque(state["history"], maxlen=self.window)
-        self.seen = state["seen"]
 
 
 class DipDetector:
@@ -87,20 +82,14 @@ def onsets(indices: Sequence[int]) -> List[int]:
 
 def run_events(run_dir: str) -> Dict:
     """Spike and dip events of one run (and the steps where they began), with where they came from."""
-    summary = os.path.join(run_dir, "summary.json")
-    if os.path.isfile(summary):
-        try:
-            with open(summary) as f:
-                s = json.load(f)
-        except (OSError, ValueError):
-            s = {}
-        ev = s.get("events", s)
-        if any(k in ev for k in ("grad_spikes", "loss_spikes", "knn_dips")):
-            out = dict(source="summary.json", logged_steps=s.get("step"))
-            out.update({k: ev.get(k) for k in ("grad_spikes", "loss_spikes", "knn_dips", "nonfinite_steps",
-                                               "overflow_skips", "rollbacks")})
-            out["first_layers"] = s.get("first_layer_counts")
-            return out
+    s = read_summary(run_dir)
+    ev = s.get("events", s)
+    if any(k in ev for k in ("grad_spikes", "loss_spikes", "knn_dips")):
+        out = dict(source="summary.json", logged_steps=s.get("step"))
+        out.update({k: ev.get(k) for k in ("grad_spikes", "loss_spikes", "knn_dips", "nonfinite_steps",
+                                           "overflow_skips", "rollbacks")})
+        out["first_layers"] = s.get("first_layer_counts")
+        return out
     steps = read_jsonl(os.path.join(run_dir, "steps.jsonl"))
     epochs = read_jsonl(os.path.join(run_dir, "log.jsonl"))
     grad = [r.get("grad_norm", np.nan) for r in steps]

@@ -55,11 +55,13 @@ def read_meta(path: str) -> dict:
         raise UserError(f"checkpoint '{path}' has an unreadable meta.json ({e}); resume from another checkpoint")
 
 
-def _sha256(path: str) -> str:
+def _sha256(path: str, fsync: bool = False) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
+        if fsync:
+            os.fsync(f.fileno())
     return h.hexdigest()
 
 
@@ -72,9 +74,7 @@ def _manifest(folder: str) -> Dict[str, Dict]:
             rel = os.path.relpath(full, folder)
             if rel == "meta.json":
                 continue
-            with open(full, "rb") as f:
-                os.fsync(f.fileno())
-            out[rel] = dict(size=os.path.getsize(full), sha256=_sha256(full))
+            out[rel] = dict(size=os.path.getsize(full), sha256=_sha256(full, fsync=True))
     return out
 
 

@@ -30,7 +30,7 @@ from .telemetry import BufferSnapshot, GradNorms, RunEvents, strict_json
 log = logging.getLogger(__name__)
 
 
-def make_accelerator(train_cfg, seed: int = 0) -> Accelerator:
+def make_accelerator(train_cfg, seed: int = 0, precision_key: str = "train.mixed_precision") -> Accelerator:
     """Accelerate decides the device; the seedable sampler makes each epoch's order a function of
     (seed, epoch), so a resumed run continues the same permutation, and different seeds never share an order."""
     # Several processes on a machine with no accelerator (torchrun / accelerate launch --multi_gpu on a CPU box)
@@ -39,15 +39,14 @@ def make_accelerator(train_cfg, seed: int = 0) -> Accelerator:
     cpu = train_cfg.cpu or (launched and not torch.accelerator.is_available())
     if not launched:  # one process may run several stages (quickstart, tests), each with its own settings
         AcceleratorState._reset_state(reset_partial_state=True)
-    where = "train.mixed_precision" if hasattr(train_cfg, "warmup_epochs") else "mixed_precision"
     # the device first (Accelerate's process state decides it), then the precision that suits it
-    precision = resolve_precision(train_cfg.mixed_precision, PartialState(cpu=cpu).device, where)
+    precision = resolve_precision(train_cfg.mixed_precision, PartialState(cpu=cpu).device, precision_key)
     try:
         return Accelerator(mixed_precision=precision, cpu=cpu,
                            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True,
                                                                      data_seed=order_seed(seed)))
     except ValueError as e:
-        raise UserError(f"{where}={precision} cannot run here ({e}); use auto, bf16 or no on CPU") from None
+        raise UserError(f"{precision_key}={precision} cannot run here ({e}); use auto, bf16 or no on CPU") from None
 
 
 def epoch_batches(accelerator, loader, dataset, epoch: int, skip: int):
@@ -68,6 +67,13 @@ def check_same_schedule(meta: dict, derived: dict, path: str) -> None:
         raise UserError(f"checkpoint '{path}' was trained with {old[0]} steps per epoch and {old[1]} steps in all, "
                         f"this config gives {new[0]} and {new[1]}; resume with the train.batch_size, train.epochs and "
                         f"data settings it was trained with, or start a new run")
+
+
+def _cut_logs(accelerator, run_dir: str, step: int) -> None:
+    """log.jsonl and steps.jsonl cut back to ``step``: the logs never hold steps a resumed run repeats."""
+    if accelerator.is_main_process:
+        for f in ("log.jsonl", "steps.jsonl"):
+            logs.truncate_jsonl(os.path.join(run_dir, f), step)
 
 
 def _roll_back(accelerator, run_dir: str, events: RunEvents, st, step: int, streak: int, write_summary):
@@ -91,9 +97,7 @@ def _roll_back(accelerator, run_dir: str, events: RunEvents, st, step: int, stre
     events.rollback(step, back["step"], os.path.basename(good), st.rollback_lr_factor)
     log.warning("rolled back from step %d to %s after %d non-finite steps in a row; lr x%g from here on "
                 "(rollback %d of at most %d)", step, good, streak, events.lr_scale, n + 1, st.max_rollbacks)
-    if accelerator.is_main_process:
-        for f in ("log.jsonl", "steps.jsonl"):
-            logs.truncate_jsonl(os.path.join(run_dir, f), back["step"])
+    _cut_logs(accelerator, run_dir, back["step"])
     write_summary("running")
     return back["step"], 0, back.get("last_step_applied", True)
 
@@ -232,9 +236,7 @@ def pretrain(cfg: DictConfig, name: str = "run") -> str:
     elif restart:
         log.info("resume=auto found no checkpoint in %s: started again from step 0 (earlier logs cleared)", run_dir)
 
-    if accelerator.is_main_process:
-        for f in ("log.jsonl", "steps.jsonl"):
-            logs.truncate_jsonl(os.path.join(run_dir, f), step)
+    _cut_logs(accelerator, run_dir, step)
     tb = _TensorBoard(run_dir, accelerator.is_main_process)
 
     params = [p for p in model.parameters() if p.requires_grad]

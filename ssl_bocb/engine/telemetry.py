@@ -3,9 +3,10 @@ run's ``summary.json``.
 
 Layers: the first layer (a ViT's patch projection, else the first convolution), each block (ViT ``block<i>``,
 ResNet ``layer<s>.<b>``), what the backbone trains outside its blocks (``stem`` before them: class token, position
-embedding, a ResNet's first BN; ``top`` after them: the final norm), the projector and the predictor. Their gradient norms are computed on the device in one pass (one norm per tensor,
-summed per layer by index), so the whole telemetry adds no host read per parameter: the training loop reads one
-small vector per step (loss, global norm, layer norms), which is also what the non-finite guard decides on.
+embedding, a ResNet's first BN; ``top`` after them: the final norm), the projector and the predictor. Their
+gradient norms are computed on the device in one pass (one norm per tensor, summed per layer by index), so the
+whole telemetry adds no host read per parameter: the training loop reads one small vector per step (loss, global
+norm, layer norms), which is also what the non-finite guard decides on.
 
 Rules (``stability.*`` settings; the same as the BOCB report's, see :mod:`ssl_bocb.analysis.stability`):
 
@@ -88,7 +89,7 @@ class GradNorms:
         grads, groups = zip(*present)
         if self._index is None or self._index.numel() != len(groups):
             self._index = torch.tensor(groups, device=device)
-        norms = torch._foreach_norm(list(grads)) if hasattr(torch, "_foreach_norm") else [g.norm() for g in grads]
+        norms = torch._foreach_norm(list(grads))
         sq = torch.stack([n.float() for n in norms]).square()
         per_layer = torch.zeros(len(self.names), device=device).index_add_(0, self._index, sq)
         return torch.cat([per_layer.sum().view(1), per_layer]).sqrt()
@@ -143,6 +144,8 @@ class RunEvents:
         """Feed one applied step's values; returns the events that began at it."""
         out = []
         ratios = {}
+        # each layer's spike run starts at its first spiking step; the onset is kept for a window after the layer
+        # stops spiking, so that a global spike a few steps later can still name it
         for n, v in zip(self.layers, layer_norms):
             spiking, med = self.per_layer[n].update(v)
             ratios[n] = v / med if med and math.isfinite(med) else 0.0
@@ -161,7 +164,6 @@ class RunEvents:
             self._add("grad_spikes", ev)
             out.append(dict(kind="grad_spike", **ev))
         self.in_spike["grad"] = spiking
-        # a layer's spike run ends when it stops spiking (its onset is kept for the window, for the next event)
         spiking, med = self.loss.update(loss)
         if spiking and not self.in_spike["loss"]:
             ev = dict(step=step, loss=loss, median=med)

@@ -92,7 +92,7 @@ def run_finetune(cfg) -> Dict:
     if not resuming:
         check_writable(metrics_path, cfg.overwrite)
     logs.check_run_dir(out_dir, resuming or restart, cfg.overwrite, resume_key="finetune.resume")
-    accelerator = make_accelerator(cfg, seed=cfg.seed)
+    accelerator = make_accelerator(cfg, seed=cfg.seed, precision_key="mixed_precision")
     logs.setup_logging(accelerator.is_main_process)
     set_seed(cfg.seed)
 

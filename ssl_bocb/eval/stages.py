@@ -39,7 +39,7 @@ class EvalSession:
         self.out_dir = output_folder(cfg)
         self.path = result_path(self.out_dir, stage)
         check_writable(self.path, cfg.overwrite)  # before any work
-        self.accelerator = make_accelerator(cfg, seed=cfg.seed)
+        self.accelerator = make_accelerator(cfg, seed=cfg.seed, precision_key="mixed_precision")
         setup_logging(self.accelerator.is_main_process)
         self.backbone, self.info = load_eval_backbone(cfg.checkpoint, cfg.model)
         self.family = self.backbone.ssl_bocb_spec["family"]

@@ -13,7 +13,7 @@ import shutil
 import statistics
 from typing import Dict, List
 
-from ..analysis.plots import read_jsonl
+from ..analysis.plots import read_jsonl, read_summary
 from .plan import Plan
 from .runner import cell_status, result_file
 
@@ -42,14 +42,8 @@ def cell_row(plan: Plan, cell) -> Dict:
         row.update(final_loss=epochs[-1]["loss"], epochs_done=epochs[-1]["epoch"],
                    images_per_s=statistics.median(rates[1:] if len(rates) > 1 else rates),
                    peak_mem_mb=max(r.get("peak_mem_mb", 0.0) for r in epochs))
-    summary = os.path.join(cell.folder, "summary.json")
-    if os.path.isfile(summary):
-        try:
-            with open(summary) as f:
-                ev = json.load(f).get("events", {})
-        except (OSError, ValueError):  # written atomically, so only a hand-edited file gets here
-            ev = {}
-        row.update({k: ev[k] for k in EVENTS if k in ev})
+    ev = read_summary(cell.folder).get("events", {})
+    row.update({k: ev[k] for k in EVENTS if k in ev})
     for stage in ("knn", "linprobe", "finetune"):
         path = result_file(cell, stage)
         if os.path.isfile(path) and stage not in st["left"]:
