@@ -50,8 +50,14 @@ class DataConfig:
     # Split names for imagefolder / stl10 (pretraining uses train_split).
     train_split: str = "train"
     test_split: str = "test"
-    # DataLoader worker processes per training process.
+    # DataLoader worker processes per training process (the PIL path; the batched path needs none).
     num_workers: int = 2
+    # Pretraining's two-view data path. batched: decoded uint8 images held in memory, both views augmented
+    # batch-wise on the training device (ssl_bocb/data/batched.py); pil: per-image PIL transforms in DataLoader
+    # workers; auto: batched when the images share one size <= image_size and fit in cache_max_gb, else pil.
+    pipeline: str = "auto"
+    # The most memory the decoded images of the batched path may take (GB).
+    cache_max_gb: float = 8.0
     # Images per class for the synthetic `fake` dataset, and its number of classes.
     fake_per_class: int = 16
     fake_classes: int = 4
@@ -329,6 +335,7 @@ class EvalConfig:
 # Allowed values of string keys, checked by validate().
 CHOICES = {
     "data.name": DATASETS,
+    "data.pipeline": ("auto", "batched", "pil"),
     "model.pos_embed": ("sincos", "learned", "none"),
     "model.pool": ("token", "avg"),
     "model.mlp_norm": ("layernorm", "batchnorm"),
@@ -348,7 +355,7 @@ CHOICES = {
     "finetune.optim.grad_clip_mode": ("norm", "first_layer", "agc"),
 }
 # Keys that must be > 0 and >= 0.
-POSITIVE = ("train.epochs", "train.batch_size", "optim.base_lr", "moco.temperature", "data.image_size",
+POSITIVE = ("data.cache_max_gb", "train.epochs", "train.batch_size", "optim.base_lr", "moco.temperature", "data.image_size",
             "model.hidden_dim", "model.out_dim", "batch_size", "knn.k", "knn.temperature", "linear.epochs",
             "linear.batch_size", "linear.base_lr", "finetune.epochs", "finetune.batch_size", "finetune.optim.base_lr",
             "finetune.layer_decay", "optim.eps", "finetune.optim.eps", "stability.nonfinite_patience",

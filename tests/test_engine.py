@@ -8,6 +8,7 @@ import pytest
 import safetensors.torch
 import timm
 import torch
+import yaml
 
 from conftest import REPO, TINY, run_tool
 from ssl_bocb import config
@@ -39,13 +40,14 @@ def test_interrupted_then_resumed_run_reproduces_losses(tmp_path):
     assert not os.path.exists(os.path.join(part, "backbone.safetensors"))
     run(tmp_path / "part", *extra, "resume=auto")
     assert losses(part) == losses(full)  # bit-exact: same data order, augmentations, drop-path masks
+    assert yaml.safe_load(open(os.path.join(part, "config.yaml")))["derived"]["data_pipeline"] == "batched"
     a = safetensors.torch.load_file(os.path.join(full, "backbone.safetensors"))
     b = safetensors.torch.load_file(os.path.join(part, "backbone.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_run_outputs(tmp_path):
-    out = run(tmp_path / "r")
+    out = run(tmp_path / "r", "data.pipeline=pil")  # the other tests' fake data takes the batched path
     for f in ("config.yaml", "log.jsonl", "steps.jsonl", "backbone.safetensors", "backbone.json", "train.log"):
         assert os.path.isfile(os.path.join(out, f)), f
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(os.path.join(out, "tb")))
@@ -57,6 +59,7 @@ def test_run_outputs(tmp_path):
     import yaml
     derived = yaml.safe_load(open(os.path.join(out, "config.yaml")))["derived"]
     assert derived["lr"] == pytest.approx(1e-3 * 16 / 256) and derived["steps_per_epoch"] == 4
+    assert derived["data_pipeline"] == "pil"
     spec = json.load(open(os.path.join(out, "backbone.json")))
     m = timm.create_model(spec["timm_name"], num_classes=0, **spec["timm_kwargs"])
     m.load_state_dict(safetensors.torch.load_file(os.path.join(out, "backbone.safetensors")))

@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 
 from .. import config as config_mod
 from ..analysis.plots import training_curves
-from ..data import build_dataset, order_seed, pretrain_transform
+from ..data import order_seed
+from ..data.pipeline import two_view_data
 from ..device import resolve_precision
 from ..errors import UserError
 from ..models import build_moco, export_backbone
@@ -146,15 +147,16 @@ def pretrain(cfg: DictConfig, name: str = "run") -> str:
     per_device = cfg.train.batch_size // world
     set_seed(cfg.seed)
 
-    dataset = build_dataset(cfg.data, cfg.data.train_split, pretrain_transform(cfg.data), seed=cfg.seed)
+    data = two_view_data(cfg.data, cfg.seed)
+    dataset = data.dataset
     if len(dataset) < cfg.train.batch_size:
         raise UserError(f"the {cfg.data.name} training set has {len(dataset)} images, fewer than one batch of "
                         f"{cfg.train.batch_size}; lower train.batch_size or raise data.subset")
     # The loader's own generator keeps iterator creation from drawing on the global RNG (which drop-path uses
     # and checkpoints restore), so a resumed run continues the exact random stream.
     loader = DataLoader(dataset, batch_size=per_device, shuffle=True, drop_last=True,
-                        num_workers=cfg.data.num_workers, pin_memory=accelerator.device.type == "cuda",
-                        generator=torch.Generator().manual_seed(cfg.seed))
+                        pin_memory=accelerator.device.type == "cuda",
+                        generator=torch.Generator().manual_seed(cfg.seed), **data.loader_kwargs)
 
     model = build_moco(cfg.model, momentum_encoder=cfg.moco.momentum > 0)
     if world > 1 and cfg.train.sync_bn:
@@ -181,7 +183,7 @@ def pretrain(cfg: DictConfig, name: str = "run") -> str:
     wd = resolved.weight_decay
     wd_end = wd if cfg.optim.weight_decay_end is None else cfg.optim.weight_decay_end
     derived = dict(lr=lr, world_size=world, per_device_batch=per_device, steps_per_epoch=steps_per_epoch,
-                   total_steps=total_steps, warmup_steps=warmup_steps, train_images=len(dataset),
+                   total_steps=total_steps, warmup_steps=warmup_steps, train_images=len(dataset), data_pipeline=data.kind,
                    mixed_precision=accelerator.mixed_precision, param_groups=groups,
                    optimizer=optimizer_record, backbone=unwrapped.backbone.ssl_bocb_spec)
 
@@ -210,6 +212,8 @@ def pretrain(cfg: DictConfig, name: str = "run") -> str:
     log.info("device %s x %d processes, mixed precision %s", accelerator.device, world, accelerator.mixed_precision)
     log.info("backbone %s (%d features), %d training images, global batch %d (%d per process)",
              cfg.model.backbone, unwrapped.backbone.num_features, len(dataset), cfg.train.batch_size, per_device)
+    log.info("data path: %s", "batched (decoded uint8 images, both views augmented batch-wise on %s)"
+             % accelerator.device if data.kind == "batched" else f"PIL, {cfg.data.num_workers} DataLoader workers")
     log.info("optimizer %s (%s): lr = %g (base_lr %g x %s scaling of batch %d), weight decay %g -> %g; options %s",
              resolved.entry.name, resolved.entry.source, lr, resolved.base_lr, resolved.lr_scaling,
              cfg.train.batch_size, wd, wd_end, optimizer_record["options"])
@@ -286,7 +290,8 @@ def pretrain(cfg: DictConfig, name: str = "run") -> str:
             skipped = torch.zeros((), device=accelerator.device)
             t_epoch = t_log = time.time()
             last_logged, rolled_back = step, False
-            for (x1, x2), _, n_bad in batches:
+            for batch in batches:
+                x1, x2, n_bad = data.views(batch, epoch)
                 lr_t = events.lr_scale * schedules.warmup_cosine(step, total_steps, warmup_steps, lr,
                                                                  lr * cfg.optim.min_lr_ratio)
                 wd_t = schedules.cosine(step, total_steps, wd, wd_end)

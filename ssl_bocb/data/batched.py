@@ -1,0 +1,235 @@
+"""The MoCo v3 two-view augmentation computed batch-wise on tensors, from a decoded uint8 image cache.
+
+Each sample's random parameters are drawn from a counter-based generator keyed by (run seed, epoch, index), the
+same key the PIL path seeds with (``datasets.sample_seed``): views do not depend on batch composition, worker or
+process count, or where a resumed run restarted. The parameters follow the PIL recipe's distributions exactly
+(torchvision's RandomResizedCrop attempts and central fallback, ColorJitter's random order and factor ranges, the
+probabilities of SPEC section 1); the ops are the tensor forms of torchvision's (bilinear resize with half-pixel
+centres, the ITU-R 601 grayscale weights, HSV hue rotation, Gaussian blur with reflect padding), applied in float32
+to the whole batch at once on the training device. torchvision's own functional ops take one parameter set per
+call, so per-sample parameters would need a Python loop per image; the formulas here are checked against them on
+fixed parameters in the tests.
+"""
+import math
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .datasets import sample_seed
+
+# columns of the per-view parameter draw
+_ATTEMPTS = 10            # RandomResizedCrop's tries before its central-crop fallback
+_CROP = 0                 # 4 uniforms per attempt: area scale, log ratio, top, left
+_FLIP = _CROP + 4 * _ATTEMPTS
+_JITTER = _FLIP + 1       # apply, then brightness, contrast, saturation, hue factors, then 4 order keys
+_GRAY = _JITTER + 9
+_BLUR = _GRAY + 1         # apply, sigma
+_SOLARIZE = _BLUR + 2
+_DRAWS = _SOLARIZE + 1
+_MASK64 = (1 << 64) - 1
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on uint64 (wrapping arithmetic): a well-mixed 64-bit output per input counter."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def uniforms(seed: int, epoch: int, index: Sequence[int], streams: int, draws: int) -> np.ndarray:
+    """(len(index), streams, draws) uniforms in [0, 1), a pure function of (seed, epoch, index, stream, draw)."""
+    keys = np.array([sample_seed(seed, epoch, int(i)) for i in index], dtype=np.uint64)
+    counter = np.arange(streams * draws, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    with np.errstate(over="ignore"):
+        z = _mix64(_mix64(keys)[:, None] + counter[None, :])
+    return ((z >> np.uint64(11)).astype(np.float64) * 2.0 ** -53).reshape(len(keys), streams, draws)
+
+
+def crop_boxes(u: np.ndarray, height: int, width: int, scale: Tuple[float, float],
+               ratio: Tuple[float, float] = (3 / 4, 4 / 3)) -> np.ndarray:
+    """RandomResizedCrop.get_params for every row of ``u`` (n, 40): (top, left, h, w) int64, the first of 10
+    attempts that fits, else torchvision's central fallback."""
+    n = u.shape[0]
+    u = u.reshape(n, _ATTEMPTS, 4)
+    area = height * width
+    target = area * (scale[0] + u[..., 0] * (scale[1] - scale[0]))
+    lo, hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = np.exp(lo + u[..., 1] * (hi - lo))
+    w = np.round(np.sqrt(target * aspect)).astype(np.int64)   # round half to even, like Python's round
+    h = np.round(np.sqrt(target / aspect)).astype(np.int64)
+    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = ok.argmax(1)
+    rows = np.arange(n)
+    h, w, found = h[rows, first], w[rows, first], ok[rows, first]
+    top = np.floor(u[rows, first, 2] * (height - h + 1)).astype(np.int64)
+    left = np.floor(u[rows, first, 3] * (width - w + 1)).astype(np.int64)
+    # torchvision's fallback: the largest central crop whose aspect ratio is within range
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        fw, fh = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        fw, fh = int(round(height * max(ratio))), height
+    else:
+        fw, fh = width, height
+    h, w = np.where(found, h, fh), np.where(found, w, fw)
+    top = np.where(found, top, (height - fh) // 2)
+    left = np.where(found, left, (width - fw) // 2)
+    return np.stack([top, left, h, w], 1)
+
+
+def resized_crop(x: torch.Tensor, boxes: torch.Tensor, size: int, flip: torch.Tensor) -> torch.Tensor:
+    """Each image's box (top, left, h, w) resized to size x size (bilinear, half-pixel centres, the crop's own
+    edge pixels repeated beyond it: torchvision's resize of the cropped tensor), mirrored where ``flip``."""
+    n, _, height, width = x.shape
+    pos = (torch.arange(size, device=x.device, dtype=torch.float32) + 0.5) / size  # output pixel centres in 0..1
+    top, left, h, w = (boxes[:, k, None].to(torch.float32) for k in range(4))
+    ys = (top + pos * h - 0.5).clamp_(min=top, max=top + h - 1)
+    xs = (left + pos * w - 0.5).clamp_(min=left, max=left + w - 1)
+    xs = torch.where(flip[:, None], xs.flip(1), xs)
+    gy = (2 * ys + 1) / height - 1  # grid_sample's normalised coordinates (align_corners=False)
+    gx = (2 * xs + 1) / width - 1
+    grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), -1)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _per_sample(v: torch.Tensor) -> torch.Tensor:
+    return v.view(-1, 1, 1, 1)
+
+
+def grayscale(x: torch.Tensor) -> torch.Tensor:
+    """(n, 1, h, w) luma with torchvision's weights."""
+    w = torch.tensor(GRAY_WEIGHTS, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x * w).sum(1, keepdim=True)
+
+
+def brightness(x, f):
+    return (x * _per_sample(f)).clamp_(0, 1)
+
+
+def contrast(x, f):
+    mean = grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
+    return torch.lerp(mean.expand_as(x), x, _per_sample(f)).clamp_(0, 1)
+
+
+def saturation(x, f):
+    return torch.lerp(grayscale(x).expand_as(x), x, _per_sample(f)).clamp_(0, 1)
+
+
+def hue(x, shift):
+    """Rotate the hue by ``shift`` turns, value and saturation kept. The hue (in sixths of a turn) comes from the
+    channel extremes; each channel is then rebuilt as max - chroma * clamp(min(k, 4 - k), 0, 1) with
+    k = (n + 6 h) mod 6, n = 5, 3, 1 for r, g, b."""
+    r, g, b = x.unbind(1)
+    hi = torch.maximum(torch.maximum(r, g), b)
+    chroma = hi - torch.minimum(torch.minimum(r, g), b)
+    inv = chroma.clamp_min(1e-12).reciprocal_()  # a grey pixel (chroma 0) keeps its value whatever its hue
+    max_r = hi == r
+    max_g = (hi == g) & ~max_r
+    h6 = torch.where(max_r, (g - b).mul_(inv), torch.where(max_g, (b - r).mul_(inv).add_(2), (r - g).mul_(inv).add_(4)))
+    h6 = h6.add_(6 * shift.view(-1, 1, 1)).remainder_(6)
+    out = torch.empty_like(x)
+    for c, n in enumerate((5.0, 3.0, 1.0)):
+        k = h6 + n
+        k = k.sub_((k >= 6).to(k.dtype).mul_(6))
+        t = torch.minimum(k, 4 - k).clamp_(0, 1)
+        torch.addcmul(hi, chroma, t, value=-1, out=out[:, c])
+    return out
+
+
+JITTER_OPS = (brightness, contrast, saturation, hue)
+
+
+def color_jitter(x, apply, factors, order):
+    """ColorJitter(0.4, 0.4, 0.2, 0.1) where ``apply``: the four ops in each sample's own ``order``."""
+    x = x.clone()
+    for pos in range(4):
+        for op in range(4):
+            sel = torch.nonzero(apply & (order[:, pos] == op)).squeeze(1)
+            if sel.numel():
+                x[sel] = JITTER_OPS[op](x[sel], factors[sel, op])
+    return x
+
+
+def blur_kernel_size(sigma_max: float) -> int:
+    return 2 * math.ceil(3 * sigma_max) + 1
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Separable Gaussian blur, each image with its own sigma (one kernel size), reflect padding."""
+    n, c, height, width = x.shape
+    t = torch.arange(kernel_size, device=x.device, dtype=torch.float32) - (kernel_size - 1) / 2
+    k = torch.exp(-0.5 * (t[None, :] / sigma[:, None]) ** 2)
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (n*c, K)
+    pad = kernel_size // 2
+    y = x.reshape(1, n * c, height, width)
+    y = F.conv2d(F.pad(y, (pad, pad, 0, 0), mode="reflect"), k[:, None, None, :], groups=n * c)
+    y = F.conv2d(F.pad(y, (0, 0, pad, pad), mode="reflect"), k[:, None, :, None], groups=n * c)
+    return y.view(n, c, height, width)
+
+
+class BatchedTwoViews:
+    """The two MoCo v3 views of a uint8 batch (n, h, w, 3), per-sample parameters keyed by (seed, epoch, index).
+    View 1: blur p=1.0, no solarize; view 2: blur p=0.1, solarize p=0.2 (as ``transforms.pretrain_transform``)."""
+
+    def __init__(self, size: int, crop_min: float, mean, std, blur: bool, solarize: bool, seed: int = 0,
+                 sigma: Tuple[float, float] = (0.1, 2.0)):
+        self.size, self.scale, self.seed = size, (crop_min, 1.0), seed
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.sigma = sigma
+        self.blur_p = (1.0, 0.1) if blur else (0.0, 0.0)
+        self.solarize_p = (0.0, 0.2) if solarize else (0.0, 0.0)
+        self.kernel = blur_kernel_size(sigma[1])
+
+    @classmethod
+    def from_cfg(cls, data_cfg, seed: int):
+        from .transforms import blur_enabled, norm_stats
+        mean, std = norm_stats(data_cfg)
+        return cls(data_cfg.image_size, data_cfg.crop_min, mean, std, blur_enabled(data_cfg), data_cfg.solarize,
+                   seed)
+
+    def params(self, index, epoch: int, height: int, width: int, device=None) -> list:
+        """Per view, a dict of the batch's parameters (tensors on ``device``)."""
+        u = uniforms(self.seed, epoch, index, 2, _DRAWS)
+        out = []
+        for v in range(2):
+            uv = u[:, v]
+            jit = uv[:, _JITTER:_JITTER + 9]
+            factors = np.stack([0.6 + 0.8 * jit[:, 1], 0.6 + 0.8 * jit[:, 2], 0.8 + 0.4 * jit[:, 3],
+                                -0.1 + 0.2 * jit[:, 4]], 1)
+            p = dict(boxes=crop_boxes(uv[:, _CROP:_FLIP], height, width, self.scale),
+                     flip=uv[:, _FLIP] < 0.5,
+                     jitter=jit[:, 0] < 0.8, factors=factors,
+                     order=np.argsort(jit[:, 5:9], axis=1),  # a uniformly random permutation per sample
+                     gray=uv[:, _GRAY] < 0.2,
+                     blur=uv[:, _BLUR] < self.blur_p[v],
+                     sigma=self.sigma[0] + uv[:, _BLUR + 1] * (self.sigma[1] - self.sigma[0]),
+                     solarize=uv[:, _SOLARIZE] < self.solarize_p[v])
+            out.append({k: torch.as_tensor(a, device=device, dtype=torch.float32 if a.dtype == np.float64 else None)
+                        for k, a in p.items()})
+        return out
+
+    def view(self, x: torch.Tensor, p: dict, normalize: bool = True) -> torch.Tensor:
+        """One view of the float (n, 3, h, w) batch in [0, 1] with parameters ``p``."""
+        y = resized_crop(x, p["boxes"], self.size, p["flip"])
+        y = color_jitter(y, p["jitter"], p["factors"], p["order"])
+        y = torch.where(p["gray"].view(-1, 1, 1, 1), grayscale(y).expand_as(y), y)
+        sel = torch.nonzero(p["blur"]).squeeze(1)
+        if sel.numel():
+            y[sel] = gaussian_blur(y[sel], p["sigma"][sel], self.kernel)
+        y = torch.where(p["solarize"].view(-1, 1, 1, 1) & (y >= 128 / 255), 1 - y, y)
+        if normalize:
+            mean = torch.tensor(self.mean, device=y.device).view(1, 3, 1, 1)
+            std = torch.tensor(self.std, device=y.device).view(1, 3, 1, 1)
+            y = (y - mean) / std
+        return y
+
+    def __call__(self, images: torch.Tensor, index, epoch: int, device: Optional[torch.device] = None):
+        """(view1, view2) float32 (n, 3, size, size) on ``device`` from uint8 (n, h, w, 3) ``images``."""
+        device = device or images.device
+        x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+        index = index.tolist() if torch.is_tensor(index) else list(index)
+        p1, p2 = self.params(index, epoch, x.shape[2], x.shape[3], device)
+        return self.view(x, p1), self.view(x, p2)

@@ -1,0 +1,159 @@
+"""Decoded uint8 images held in memory (or memory-mapped from a cache file) for the batched two-view path.
+
+A dataset whose images all share one size no larger than the training crop and that fits in ``data.cache_max_gb``
+is decoded once: CIFAR's native arrays are used as they are, image files (the JPEG archives, ImageFolder trees)
+are decoded into ``<cache>/decoded/<key>.npy`` and memory-mapped by every later run, the key being a hash of the
+files' paths, sizes and modification times and of the subset. Unreadable files are found while decoding: they are
+counted and logged once, and their positions are served by the next readable image, as on the PIL path.
+"""
+import hashlib
+import json
+import logging
+import os
+from typing import List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from ..errors import UserError
+from .archive import default_cache_dir
+from .datasets import IMAGE_ERRORS, CIFAR10Files, build_base, per_class_subset
+
+log = logging.getLogger(__name__)
+
+
+def keep_batch(batch):
+    """collate_fn for :class:`DecodedImages`, whose ``__getitems__`` already returns the collated batch."""
+    return batch
+
+
+def next_readable(bad: np.ndarray) -> np.ndarray:
+    """For each position, the first readable position at or after it (wrapping round): the PIL path's rule."""
+    n = len(bad)
+    good = np.flatnonzero(~bad)
+    if len(good) == 0:
+        raise UserError("no readable image in the dataset; check the data files")
+    after = np.searchsorted(good, np.arange(n))
+    return good[after % len(good)]
+
+
+class DecodedImages(Dataset):
+    """uint8 (n, h, w, 3) images with labels. A batch fetch returns ``((images, index), labels, n_unreadable)``:
+    the images of the positions asked for (an unreadable one replaced by the next readable image) and the
+    positions themselves, from which the augmentation draws each sample's parameters."""
+
+    def __init__(self, images: np.ndarray, targets: List[int], classes: List[str], bad: Optional[np.ndarray] = None):
+        self.images, self.targets, self.classes = images, list(targets), list(classes)
+        self.bad = np.zeros(len(images), bool) if bad is None else np.asarray(bad, bool)
+        self.source = next_readable(self.bad)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.images)
+
+    @property
+    def image_shape(self) -> Tuple[int, int]:
+        return tuple(self.images.shape[1:3])
+
+    def __getitems__(self, index):
+        idx = np.asarray(index, dtype=np.int64)
+        src = self.source[idx]
+        images = torch.from_numpy(np.ascontiguousarray(self.images[src]))
+        labels = torch.as_tensor([self.targets[i] for i in src], dtype=torch.long)
+        return (images, torch.from_numpy(idx)), labels, torch.tensor(int(self.bad[idx].sum()))
+
+    def __getitem__(self, i):
+        (images, index), labels, bad = self.__getitems__([i])
+        return (images[0], index[0]), labels[0], bad
+
+
+def _file_key(name: str, split: str, files: List[str], subset: int) -> str:
+    h = hashlib.sha256(f"{name}\n{split}\n{subset}\n".encode())
+    for f in files:
+        st = os.stat(f)
+        h.update(f"{os.path.abspath(f)}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:20]
+
+
+def _decode_all(base, indices: List[int], size_limit: int, max_bytes: float, what: str):
+    """Decode ``base[j]`` for ``j`` in ``indices`` into one uint8 array; None and the reason when the images do
+    not share one size, are larger than ``size_limit`` or do not fit in ``max_bytes``."""
+    images, bad, shape = None, np.zeros(len(indices), bool), None
+    samples = getattr(base, "samples", None)
+    for k, j in enumerate(tqdm(indices, desc=f"decoding {what}", unit="img", mininterval=2, leave=False)):
+        try:
+            img, _ = base[j]
+            arr = np.asarray(img.convert("RGB") if hasattr(img, "convert") else img, dtype=np.uint8)
+        except IMAGE_ERRORS as e:
+            bad[k] = True
+            log.warning("skipping unreadable image %s (%s)", samples[j][0] if samples else f"item {j}", e)
+            continue
+        if shape is None:
+            shape = arr.shape
+            if arr.ndim != 3 or max(shape[:2]) > size_limit:
+                return None, None, f"its images ({shape[1]}x{shape[0]}) are larger than data.image_size={size_limit}"
+            need = len(indices) * arr.nbytes
+            if need > max_bytes:
+                return None, None, f"decoded it needs {need / 2 ** 30:.1f} GB, more than data.cache_max_gb"
+            images = np.zeros((len(indices),) + shape, np.uint8)
+        elif arr.shape != shape:
+            return None, None, f"its images differ in size ({shape[1]}x{shape[0]} and {arr.shape[1]}x{arr.shape[0]})"
+        images[k] = arr
+    if images is None:
+        raise UserError("no readable image in the dataset; check the data files")
+    return images, bad, None
+
+
+def decoded_dataset(data_cfg, split: str, subset: Optional[int] = None):
+    """(DecodedImages, None) for ``split`` when it can be held decoded, else (None, the reason)."""
+    base = build_base(data_cfg, split)
+    n = data_cfg.subset if subset is None else subset
+    indices = per_class_subset(list(base.targets), n)
+    if not indices:
+        raise UserError(f"{data_cfg.name} {split} split is empty; check data.root and data.subset")
+    targets = [base.targets[i] for i in indices]
+    classes = list(getattr(base, "classes", []))
+    max_bytes = data_cfg.cache_max_gb * 2 ** 30
+    if isinstance(base, CIFAR10Files):  # already decoded by the format itself
+        if base.data.shape[1] > data_cfg.image_size:
+            return None, f"its images are larger than data.image_size={data_cfg.image_size}"
+        return DecodedImages(base.data[indices], targets, classes), None
+    samples = getattr(base, "samples", None)
+    what = f"{data_cfg.name} {split}"
+    if not samples:  # in-memory formats (synthetic data, STL-10 arrays): decoded per run
+        images, bad, why = _decode_all(base, indices, data_cfg.image_size, max_bytes, what)
+        return (None, why) if images is None else (DecodedImages(images, targets, classes, bad), None)
+    files = [samples[i][0] for i in indices]
+    folder = os.path.join(default_cache_dir(data_cfg.cache_dir), "decoded")
+    stem = os.path.join(folder, f"{data_cfg.name}-{split}-{_file_key(data_cfg.name, split, files, n)}")
+    if os.path.isfile(stem + ".json"):
+        try:
+            with open(stem + ".json") as f:
+                meta = json.load(f)
+            images = np.load(stem + ".npy", mmap_mode="r")
+            if images.shape[0] == len(indices) and images.dtype == np.uint8:
+                log.info("decoded images: %s (memory-mapped)", stem + ".npy")
+                return DecodedImages(images, targets, classes, np.asarray(meta["bad"], bool)), None
+        except (OSError, ValueError, KeyError) as e:
+            log.warning("decoded cache %s unreadable (%s); decoding again", stem, e)
+    images, bad, why = _decode_all(base, indices, data_cfg.image_size, max_bytes, what)
+    if images is None:
+        return None, why
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{stem}.{os.getpid()}.tmp"
+    try:  # the .npy first, then the .json that marks it complete; both renamed into place
+        with open(tmp + ".npy", "wb") as f:
+            np.save(f, images)
+        os.replace(tmp + ".npy", stem + ".npy")
+        with open(tmp + ".json", "w") as f:
+            json.dump(dict(shape=list(images.shape), bad=bad.tolist(), files=len(files)), f)
+        os.replace(tmp + ".json", stem + ".json")
+        log.info("decoded %d images into %s (%d unreadable)", len(files), stem + ".npy", int(bad.sum()))
+    except OSError as e:
+        log.warning("could not write the decoded cache %s (%s); it is kept in memory for this run", stem, e)
+    return DecodedImages(images, targets, classes, bad), None
