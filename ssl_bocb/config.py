@@ -181,6 +181,12 @@ class TrainConfig:
     # auto | no | bf16 | fp16, through Accelerate. auto: bf16 where the device computes it natively (GPUs with bf16,
     # CPUs with AVX-512 BF16 / AMX), else fp32; bf16 on a CPU without them is emulated, tens of times slower.
     mixed_precision: str = "auto"
+    # Channels-last memory format for the model and its inputs. null = auto: on for convolutional backbones (on the
+    # CPU it was measured faster, see README "Performance"), off for ViTs.
+    channels_last: Optional[bool] = None
+    # torch.compile the encoders, projector and predictor. null = auto: off (compiling cost 50-80 s on 2 CPU cores
+    # for no gain over channels-last; not measured on GPUs). Not with Hessian optimizers (Sophia).
+    compile: Optional[bool] = None
     # Convert BatchNorm to SyncBatchNorm when more than one process runs (MoCo v3 does).
     sync_bn: bool = True
     # Save a checkpoint every N epochs (and always at the end).

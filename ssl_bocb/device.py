@@ -69,3 +69,25 @@ def resolve_precision(requested: str, device, where: str = "train.mixed_precisio
             log.warning("%s=bf16 on %s: %s; %s=auto (or no) runs fp32 here", where, torch.device(device).type, why,
                         where)
     return requested
+
+
+def is_convolutional(model: torch.nn.Module) -> bool:
+    """More than one 2-d convolution (a ViT's patch projection alone does not count)."""
+    return sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()) > 1
+
+
+def use_channels_last(requested, model: torch.nn.Module, device: torch.device) -> bool:
+    """``train.channels_last`` (null = auto): channels-last for convolutional backbones on CPU and CUDA. Measured on
+    a 2-core AVX2 EPYC, a ResNet-18 MoCo v3 step at 32 px ran 71-72 img/s channels-last against 58.5 contiguous at
+    batch 256 (58 / 50 at batch 64); on CUDA it is PyTorch's advice for convolutions (not measured here). ViTs keep
+    the default layout."""
+    if requested is not None:
+        return bool(requested)
+    return device.type in ("cpu", "cuda") and is_convolutional(model)
+
+
+def use_compile(requested, device: torch.device) -> bool:
+    """``train.compile`` (null = auto): off. On the 2-core EPYC, torch.compile of a ResNet-18 MoCo v3 step took 50-80 s
+    to compile and then ran no faster than eager channels-last (69.8 against 71-72 img/s); on GPUs it has not been
+    measured here, so it stays an explicit choice."""
+    return bool(requested)

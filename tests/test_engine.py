@@ -59,7 +59,7 @@ def test_run_outputs(tmp_path):
     import yaml
     derived = yaml.safe_load(open(os.path.join(out, "config.yaml")))["derived"]
     assert derived["lr"] == pytest.approx(1e-3 * 16 / 256) and derived["steps_per_epoch"] == 4
-    assert derived["data_pipeline"] == "pil"
+    assert derived["data_pipeline"] == "pil" and derived["channels_last"] is True and derived["compile"] is False
     spec = json.load(open(os.path.join(out, "backbone.json")))
     m = timm.create_model(spec["timm_name"], num_classes=0, **spec["timm_kwargs"])
     m.load_state_dict(safetensors.torch.load_file(os.path.join(out, "backbone.safetensors")))

@@ -70,3 +70,25 @@ def test_auto_is_the_default_and_a_valid_value():
     assert config.load(config.EvalConfig, [], []).mixed_precision == "auto"
     with pytest.raises(Exception, match="mixed_precision"):
         config.load(config.PretrainConfig, [], ["train.mixed_precision=fp8"])
+
+
+def test_channels_last_auto_is_for_convolutional_backbones_and_compile_is_opt_in():
+    import timm
+    resnet = timm.create_model("resnet18", num_classes=0)
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, patch_size=8)
+    cpu, cuda, mps = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
+    assert device.use_channels_last(None, resnet, cpu) and device.use_channels_last(None, resnet, cuda)
+    assert not device.use_channels_last(None, vit, cpu) and not device.use_channels_last(None, resnet, mps)
+    assert not device.use_channels_last(False, resnet, cpu) and device.use_channels_last(True, vit, cpu)
+    assert not device.use_compile(None, cpu) and device.use_compile(True, cpu)
+
+
+def test_compile_with_a_hessian_optimizer_is_refused(tmp_path):
+    from conftest import TINY
+    from ssl_bocb.engine import pretrain
+    from ssl_bocb.errors import UserError
+    cfg = config.load(config.PretrainConfig, [], TINY + [f"output_dir={tmp_path / 'r'}", "optim.name=sophia",
+                                                          "train.compile=true"])
+    with pytest.raises(UserError, match="train.compile=true with optim.name=sophia.*set train.compile=false"):
+        pretrain(cfg)
+    assert not (tmp_path / "r").exists()

@@ -18,7 +18,7 @@ from .. import config as config_mod
 from ..analysis.plots import training_curves
 from ..data import order_seed
 from ..data.pipeline import two_view_data
-from ..device import resolve_precision
+from ..device import resolve_precision, use_channels_last, use_compile
 from ..errors import UserError
 from ..models import build_moco, export_backbone
 from ..optim import group_summary, optimizer_from_cfg, record, resolve
@@ -167,6 +167,16 @@ def pretrain(cfg: DictConfig, name: str = "run") -> str:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     resolved = resolve(cfg.optim)
     settings = StepSettings.from_cfg(cfg.optim, resolved.entry, cfg.train.mixed_precision, backbone=model.backbone)
+    channels_last = use_channels_last(cfg.train.channels_last, model.backbone, accelerator.device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    compiled = use_compile(cfg.train.compile, accelerator.device)
+    if compiled:
+        if settings.hessian:
+            raise UserError(f"train.compile=true with optim.name={cfg.optim.name}: its Hessian estimate needs a double "
+                            f"backward, which compiled graphs do not give; set train.compile=false")
+        for part in model.children():  # in place: parameter names, checkpoints and exports stay as they are
+            part.compile()
     lr = config_mod.scaled_lr(resolved.base_lr, cfg.train.batch_size, resolved.lr_scaling)
     optimizer = optimizer_from_cfg(model, cfg.optim, lr, resolved)
     groups = group_summary(optimizer.param_groups)
@@ -184,7 +194,8 @@ def pretrain(cfg: DictConfig, name: str = "run") -> str:
     wd_end = wd if cfg.optim.weight_decay_end is None else cfg.optim.weight_decay_end
     derived = dict(lr=lr, world_size=world, per_device_batch=per_device, steps_per_epoch=steps_per_epoch,
                    total_steps=total_steps, warmup_steps=warmup_steps, train_images=len(dataset), data_pipeline=data.kind,
-                   mixed_precision=accelerator.mixed_precision, param_groups=groups,
+                   mixed_precision=accelerator.mixed_precision, channels_last=channels_last, compile=compiled,
+                   param_groups=groups,
                    optimizer=optimizer_record, backbone=unwrapped.backbone.ssl_bocb_spec)
 
     monitor = None
@@ -209,7 +220,9 @@ def pretrain(cfg: DictConfig, name: str = "run") -> str:
         config_mod.save(cfg, os.path.join(run_dir, "config.yaml"), derived)
 
     log.info("run folder: %s", run_dir)
-    log.info("device %s x %d processes, mixed precision %s", accelerator.device, world, accelerator.mixed_precision)
+    log.info("device %s x %d processes, mixed precision %s, %s memory format%s", accelerator.device, world,
+             accelerator.mixed_precision, "channels-last" if channels_last else "contiguous",
+             ", torch.compile" if compiled else "")
     log.info("backbone %s (%d features), %d training images, global batch %d (%d per process)",
              cfg.model.backbone, unwrapped.backbone.num_features, len(dataset), cfg.train.batch_size, per_device)
     log.info("data path: %s", "batched (decoded uint8 images, both views augmented batch-wise on %s)"
@@ -292,6 +305,9 @@ def pretrain(cfg: DictConfig, name: str = "run") -> str:
             last_logged, rolled_back = step, False
             for batch in batches:
                 x1, x2, n_bad = data.views(batch, epoch)
+                if channels_last:
+                    x1, x2 = x1.contiguous(memory_format=torch.channels_last), x2.contiguous(
+                        memory_format=torch.channels_last)
                 lr_t = events.lr_scale * schedules.warmup_cosine(step, total_steps, warmup_steps, lr,
                                                                  lr * cfg.optim.min_lr_ratio)
                 wd_t = schedules.cosine(step, total_steps, wd, wd_end)

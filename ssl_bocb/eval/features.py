@@ -3,7 +3,7 @@ import hashlib
 import json
 import logging
 import os
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import safetensors.torch
 import torch
@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from ..data import data_root
 from ..data.archive import default_cache_dir
+from ..device import use_channels_last
 from ..engine import checkpoint as ckpt
 from ..errors import UserError
 from ..models import create_backbone, load_backbone
@@ -84,15 +85,17 @@ def weights_digest(model: nn.Module) -> str:
 
 @torch.no_grad()
 def extract_features(backbone: nn.Module, dataset, accelerator, batch_size: int = 256, num_workers: int = 2,
-                     desc: str = "features") -> Tuple[torch.Tensor, torch.Tensor]:
+                     desc: str = "features", channels_last: Optional[bool] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Backbone features in eval mode: [N, num_features] float32 and labels [N], in dataset order, on CPU.
 
     Runs through Accelerate: each process embeds its shard and ``gather_for_metrics`` drops the padding that
-    evens out the last batch.
+    evens out the last batch. ``channels_last`` as ``train.channels_last`` (None = auto for the device).
     """
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=accelerator.device.type == "cuda")
-    model = backbone.to(accelerator.device)
+    layout = (torch.channels_last if use_channels_last(channels_last, backbone, accelerator.device)
+              else torch.contiguous_format)
+    model = backbone.to(accelerator.device, memory_format=layout)
     loader = accelerator.prepare_data_loader(loader)
     model.eval()
     feats, labels = [], []
@@ -100,7 +103,7 @@ def extract_features(backbone: nn.Module, dataset, accelerator, batch_size: int 
                dynamic_ncols=True)
     for x, y, _ in loader:
         with accelerator.autocast():
-            f = model(x)
+            f = model(x.contiguous(memory_format=layout))
         f, y = accelerator.gather_for_metrics((f.float().contiguous(), y))
         feats.append(f.cpu())
         labels.append(y.cpu())
@@ -140,7 +143,9 @@ def cached_features(backbone: nn.Module, digest: str, dataset, data_cfg, split: 
                     batch_size: int, use_cache: bool = True, cache_dir: str = "") -> Tuple[torch.Tensor, torch.Tensor, bool]:
     """Features from the cache when the same weights, dataset, split, subset and transform were embedded before;
     returns (features, labels, hit)."""
-    key = feature_cache_key(digest, data_cfg, split, subset, dataset.transform, str(accelerator.mixed_precision))
+    layout = "channels_last" if use_channels_last(None, backbone, accelerator.device) else "contiguous"
+    key = feature_cache_key(digest, data_cfg, split, subset, dataset.transform,
+                            f"{accelerator.mixed_precision}/{layout}")
     path = os.path.join(default_cache_dir(cache_dir), "features", f"{key}.pt")
     if use_cache and os.path.isfile(path):
         blob = load_cached(path)

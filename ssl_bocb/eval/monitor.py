@@ -16,12 +16,15 @@ class KnnMonitor:
         self.train = build_dataset(cfg.data, cfg.data.train_split, tf, subset=m.knn_train_per_class)
         self.test = build_dataset(cfg.data, cfg.data.test_split, tf, subset=m.knn_test_per_class)
         self.workers = cfg.data.num_workers
+        self.channels_last = cfg.train.channels_last  # auto decides as for the training model: the same backbone
 
     @torch.no_grad()
     def __call__(self, backbone) -> float:
         was_training = backbone.training
-        ftr, ytr = extract_features(backbone, self.train, self.accelerator, self.batch, self.workers, "kNN bank")
-        fte, yte = extract_features(backbone, self.test, self.accelerator, self.batch, self.workers, "kNN queries")
+        ftr, ytr = extract_features(backbone, self.train, self.accelerator, self.batch, self.workers, "kNN bank",
+                                    self.channels_last)
+        fte, yte = extract_features(backbone, self.test, self.accelerator, self.batch, self.workers, "kNN queries",
+                                    self.channels_last)
         backbone.train(was_training)
         res = knn_classify(ftr, ytr, fte, yte, ks=[self.k], temperature=self.t, backend="torch")
         return res[self.k]["top1"]
