@@ -1,61 +1,367 @@
 #!/usr/bin/env python
-"""Pretraining throughput (images/s) and peak memory of recipes at each precision.
+"""Pretraining speed of the project against a plain loop written here, on one recipe and one machine.
 
-    python tools/bench_pretrain.py --config configs/cifar10_resnet18.yaml --config configs/cifar10_vit_tiny.yaml \
-        --precisions no bf16 --steps 12
+    python tools/bench_pretrain.py --config configs/quickstart.yaml --out bench/quickstart
 
-Each run trains `--steps` steps on the recipe's data (data.root / SSL_BOCB_DATA) into a temporary folder and
-reports the mean images/s of the logged intervals after the first (start-up excluded) and the peak memory
-(process resident memory on CPU, allocated memory on GPU).
+The plain baseline is what a user would write without this toolkit: a torchvision PIL DataLoader of the SPEC
+section 1 recipe (data.num_workers workers) and an eager fp32 step (the same model, optimizer and batch; contiguous
+layout; no telemetry). The project side is tools/pretrain.py's own path: data.pipeline, the precision, layout and
+compile settings that auto picks on this device, the guard and telemetry. Each measurement runs in its own process
+(one after the other, never two at once), so that its peak memory is its own:
+
+  data      images/s of the two-view data path alone (batches of both views ready on the training device)
+  step      images/s of the training step alone, on one fixed batch
+  e2e       images/s end to end (the plain loop here; the project through tools/pretrain.py, logged intervals
+            after the first)
+
+Writes <out>/bench.json and <out>/bench.md (figures, ratios project / plain, the CPU model and its flags).
 """
 import argparse
 import json
 import os
+import platform
+import resource
 import subprocess
 import sys
 import tempfile
-
-import yaml
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from ssl_bocb.engine.logs import read_jsonl  # noqa: E402
+import torch  # noqa: E402
+
+from ssl_bocb import config  # noqa: E402
 from ssl_bocb.errors import UserError, cli_main  # noqa: E402
+
+KINDS = ("data", "step", "e2e")
+# dense bf16 / fp32 (TF32) peak FLOP/s of the GPUs MFU is reported for
+PEAK = {"H100": {"bf16": 989e12, "no": 494e12}, "H200": {"bf16": 989e12, "no": 494e12},
+        "A100": {"bf16": 312e12, "no": 156e12}}
+
+
+def cpu_info() -> dict:
+    model = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+        model = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), model)
+        flags = set(next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []))
+    except OSError:
+        flags = set()
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
+    return dict(model=model, cores=os.cpu_count(), flags=[f for f in wanted if f in flags])
+
+
+def peak_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # the largest DataLoader worker
+    return (own + workers) / 1024
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------------------------- the plain baseline
+def plain_loader(cfg, batch):
+    """torchvision's PIL recipe of SPEC section 1 in a DataLoader: what the baseline feeds its step with."""
+    from PIL import ImageFilter
+    from torch.utils.data import DataLoader, Dataset
+    from torchvision import transforms as T
+
+    from ssl_bocb.data import build_base, norm_stats, per_class_subset
+    d = cfg.data
+    mean, std = norm_stats(d)
+    blur = d.blur if d.blur is not None else d.image_size >= 64
+
+    class Blur:
+        def __init__(self, p):
+            self.p = p
+
+        def __call__(self, img):
+            if torch.rand(()) < self.p:
+                return img.filter(ImageFilter.GaussianBlur(radius=float(torch.empty(()).uniform_(0.1, 2.0))))
+            return img
+
+    def view(blur_p, solarize_p):
+        return T.Compose([T.RandomResizedCrop(d.image_size, scale=(d.crop_min, 1.0)),
+                          T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), T.RandomGrayscale(p=0.2),
+                          Blur(blur_p if blur else 0.0), T.RandomSolarize(128, p=solarize_p if d.solarize else 0.0),
+                          T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
+
+    class Pairs(Dataset):
+        def __init__(self):
+            self.base = build_base(d, d.train_split)
+            self.keep = per_class_subset(list(self.base.targets), d.subset)
+            self.t1, self.t2 = view(1.0, 0.0), view(0.1, 0.2)
+
+        def __len__(self):
+            return len(self.keep)
+
+        def __getitem__(self, i):
+            img, y = self.base[self.keep[i]]
+            img = img.convert("RGB")
+            return self.t1(img), self.t2(img), y
+
+    return DataLoader(Pairs(), batch_size=batch, shuffle=True, drop_last=True, num_workers=d.num_workers,
+                      persistent_workers=d.num_workers > 0)
+
+
+def plain_model(cfg, device):
+    from ssl_bocb.losses import contrastive_loss
+    from ssl_bocb.models import build_moco
+    from ssl_bocb.optim import optimizer_from_cfg, resolve
+    model = build_moco(cfg.model).to(device)
+    resolved = resolve(cfg.optim)
+    opt = optimizer_from_cfg(model, cfg.optim, config.scaled_lr(resolved.base_lr, cfg.train.batch_size,
+                                                                resolved.lr_scaling), resolved)
+
+    def step(x1, x2):
+        q1, q2, _, _ = model(x1, x2)
+        with torch.no_grad():
+            model.update_momentum(cfg.moco.momentum)
+            k1, k2 = model.forward_momentum(x1), model.forward_momentum(x2)
+        loss = contrastive_loss(q1, k2, cfg.moco.temperature) + contrastive_loss(q2, k1, cfg.moco.temperature)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+    return step
+
+
+def measure_plain(cfg, kind, n, device):
+    batch = cfg.train.batch_size
+    torch.manual_seed(cfg.seed)
+    if kind == "step":
+        step = plain_model(cfg, device)
+        x1, x2, _ = next(iter(plain_loader(cfg, batch)))
+        x1, x2 = x1.to(device), x2.to(device)
+        return timed(lambda: step(x1, x2), n, batch, device, flops=lambda: count_flops(lambda: step(x1, x2)))
+    loader = plain_loader(cfg, batch)
+    step = plain_model(cfg, device) if kind == "e2e" else None
+    it = _forever(loader)
+
+    def one():
+        x1, x2, _ = next(it)
+        x1, x2 = x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)
+        if step is not None:
+            step(x1, x2)
+    return timed(one, n, batch, device)
+
+
+# --------------------------------------------------------------------------------------------------- the project
+def measure_project_data(cfg, n, device):
+    from torch.utils.data import DataLoader
+
+    from ssl_bocb.data.pipeline import two_view_data
+    data = two_view_data(cfg.data, cfg.seed)
+    loader = DataLoader(data.dataset, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True,
+                        pin_memory=device.type == "cuda", persistent_workers=data.loader_kwargs["num_workers"] > 0,
+                        **data.loader_kwargs)
+    it = _forever(loader)
+
+    def one():
+        batch = next(it)
+        if data.kind == "batched":
+            (images, index), labels, bad = batch
+            batch = (images.to(device, non_blocking=True), index), labels, bad
+        x1, x2, _ = data.views(batch, 0)
+        x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)
+    out = timed(one, n, cfg.train.batch_size, device)
+    out["pipeline"] = data.kind
+    return out
+
+
+def measure_project_step(cfg, n, device):
+    """The loop body of engine.pretrain on one fixed batch: same settings, guard, telemetry and host read."""
+    from ssl_bocb.data.pipeline import two_view_data
+    from ssl_bocb.device import use_channels_last, use_compile
+    from ssl_bocb.engine import make_accelerator
+    from ssl_bocb.engine.step import StepSettings, compute_gradients, guarded_step, moco_loss_fn
+    from ssl_bocb.engine.telemetry import GradNorms
+    from ssl_bocb.models import build_moco
+    from ssl_bocb.optim import optimizer_from_cfg, resolve
+    accelerator = make_accelerator(cfg.train, cfg.seed)
+    model = build_moco(cfg.model)
+    resolved = resolve(cfg.optim)
+    settings = StepSettings.from_cfg(cfg.optim, resolved.entry, cfg.train.mixed_precision, backbone=model.backbone)
+    cl = use_channels_last(cfg.train.channels_last, model.backbone, accelerator.device)
+    if cl:
+        model = model.to(memory_format=torch.channels_last)
+    if use_compile(cfg.train.compile, accelerator.device):
+        for part in model.children():
+            part.compile()
+    opt = optimizer_from_cfg(model, cfg.optim, resolved.base_lr, resolved)
+    model, opt = accelerator.prepare(model, opt)
+    unwrapped = accelerator.unwrap_model(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    norms = GradNorms(unwrapped, params)
+    data = two_view_data(cfg.data, cfg.seed)
+    batch = data.dataset.__getitems__(list(range(cfg.train.batch_size))) if data.kind == "batched" else \
+        torch.utils.data.default_collate([data.dataset[i] for i in range(cfg.train.batch_size)])
+    if data.kind == "batched":
+        (images, index), labels, bad = batch
+        batch = (images.to(accelerator.device), index), labels, bad
+    x1, x2, _ = data.views(batch, 0)
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    x1, x2 = x1.to(accelerator.device).contiguous(memory_format=fmt), x2.to(accelerator.device).contiguous(memory_format=fmt)
+
+    def one():
+        unwrapped.update_momentum(cfg.moco.momentum)
+        loss_fn = moco_loss_fn(model, unwrapped, accelerator, x1, x2, cfg.moco.temperature)
+        loss, gvec = compute_gradients(model, opt, accelerator, params, loss_fn, settings, norms)
+        values = torch.cat([loss.float().view(1), gvec.float()]).tolist()
+        guarded_step(opt, accelerator, values[0] == values[0], values[1] == values[1])
+    out = timed(one, n, cfg.train.batch_size, accelerator.device,
+                flops=lambda: count_flops(lambda: compute_gradients(model, opt, accelerator, params, moco_loss_fn(
+                    model, unwrapped, accelerator, x1, x2, cfg.moco.temperature), settings, norms)))
+    out.update(precision=accelerator.mixed_precision, channels_last=cl)
+    return out
+
+
+def measure_project_e2e(cfg_files, overrides, n):
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, os.path.join(ROOT, "tools", "pretrain.py")] + sum([["--config", c] for c in cfg_files],
+                                                                              [])
+        cmd += [f"output_dir={tmp}/run", f"train.stop_at_step={n + 2}", "train.log_every=1", "monitor.knn_every=0",
+                *overrides]
+        proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if proc.returncode:
+            raise UserError(f"tools/pretrain.py failed: {proc.stderr.strip()[-400:]}")
+        from ssl_bocb.engine.logs import read_jsonl
+        steps = read_jsonl(os.path.join(tmp, "run", "steps.jsonl"))
+    timed_rows = steps[2:] or steps  # the first intervals hold start-up (decoding, first-step allocations)
+    return dict(images_per_s=sum(r["images_per_s"] for r in timed_rows) / len(timed_rows),
+                peak_mem_mb=max(r["peak_mem_mb"] for r in steps), steps=len(timed_rows))
+
+
+# ------------------------------------------------------------------------------------------------------- helpers
+def _forever(loader):
+    while True:
+        yield from loader
+
+
+def count_flops(fn) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def timed(fn, n, batch, device, flops=None) -> dict:
+    """images/s of ``n`` calls of ``fn`` after two warm-up calls."""
+    fn()
+    fn()
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    sync(device)
+    seconds = time.perf_counter() - t
+    out = dict(images_per_s=n * batch / seconds, seconds=seconds, calls=n, peak_mem_mb=peak_mb(device))
+    if flops is not None:
+        per_step = flops()
+        out.update(flops_per_step=per_step, achieved_tflops=per_step * n / seconds / 1e12)
+    return out
+
+
+def run_one(args) -> dict:
+    """One measurement (in this process)."""
+    cfg = config.load(config.PretrainConfig, args.config, args.overrides)
+    side, kind = args.measure.split("-")
+    if side == "project" and kind == "e2e":
+        return measure_project_e2e(args.config, args.overrides, args.steps)
+    from accelerate.state import PartialState
+    device = PartialState(cpu=cfg.train.cpu).device
+    n = args.batches if kind == "data" else args.steps
+    if side == "plain":
+        return measure_plain(cfg, kind, n, device)
+    return measure_project_data(cfg, n, device) if kind == "data" else measure_project_step(cfg, n, device)
+
+
+def markdown(result) -> str:
+    rows = result["rows"]
+    c, dev = result["cpu"], result["device"]
+    lines = [f"Recipe {result['recipe']}, batch {result['batch']}, device {dev}; CPU {c['model']} ({c['cores']} "
+             f"cores; flags: {', '.join(c['flags']) or 'none of avx2/avx512/amx'}); torch {result['torch']}.", "",
+             "| measure | plain images/s | project images/s | project / plain | plain peak MB | project peak MB |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for kind in KINDS:
+        p, q = rows.get(f"plain-{kind}"), rows.get(f"project-{kind}")
+        if not (p and q):
+            continue
+        lines.append(f"| {kind} | {p['images_per_s']:.1f} | {q['images_per_s']:.1f} | "
+                     f"{q['images_per_s'] / p['images_per_s']:.2f}x | {p['peak_mem_mb']:.0f} | {q['peak_mem_mb']:.0f} |")
+    step = rows.get("project-step", {})
+    if step:
+        lines += ["", f"Project settings: data.pipeline -> {rows.get('project-data', {}).get('pipeline', '?')}, "
+                      f"precision {step.get('precision')}, channels_last {step.get('channels_last')}."]
+    for side in ("plain", "project"):
+        s = rows.get(f"{side}-step", {})
+        if "achieved_tflops" in s:
+            mfu = s.get("mfu")
+            lines.append(f"{side} step: {s['flops_per_step'] / 1e9:.1f} GFLOP per step, {s['achieved_tflops']:.3f} "
+                         f"TFLOP/s achieved" + (f", MFU {100 * mfu:.1f} %" if mfu is not None else ""))
+    return "\n".join(lines) + "\n"
 
 
 @cli_main
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", action="append", required=True)
-    ap.add_argument("--precisions", nargs="+", default=["no", "bf16"])
-    ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--json", default="", help="also write the rows to this JSON file")
+    ap.add_argument("--steps", type=int, default=6, help="timed steps (step and e2e), after warm-up")
+    ap.add_argument("--batches", type=int, default=20, help="timed batches of the data path alone, after warm-up")
+    ap.add_argument("--only", nargs="+", default=[f"{s}-{k}" for s in ("plain", "project") for k in KINDS],
+                    help="which measurements (plain-data plain-step plain-e2e project-data project-step project-e2e)")
+    ap.add_argument("--out", default="", help="folder for bench.json and bench.md (default: print only)")
+    ap.add_argument("--measure", default="", help=argparse.SUPPRESS)  # internal: run one measurement
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
-    rows = []
-    for recipe in args.config:
-        for prec in args.precisions:
-            with tempfile.TemporaryDirectory() as tmp:
-                # one process per run, so that each peak-memory figure is its own
-                cmd = [sys.executable, os.path.join(ROOT, "tools", "pretrain.py"), "--config", recipe,
-                       f"output_dir={tmp}/run", f"train.mixed_precision={prec}", f"train.stop_at_step={args.steps}",
-                       "train.log_every=2", "monitor.knn_every=0", *args.overrides]
-                proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-                if proc.returncode:
-                    raise UserError(f"{os.path.basename(recipe)} at {prec} failed: {proc.stderr.strip()[-300:]}")
-                steps = read_jsonl(os.path.join(tmp, "run", "steps.jsonl"))
-                batch = yaml.safe_load(open(os.path.join(tmp, "run", "config.yaml")))["train"]["batch_size"]
-            timed = steps[1:] or steps
-            rows.append(dict(recipe=os.path.basename(recipe), precision=prec, batch=batch,
-                             images_per_s=sum(r["images_per_s"] for r in timed) / len(timed),
-                             peak_mem_mb=max(r["peak_mem_mb"] for r in steps)))
-    print("\n| recipe | precision | batch | images/s | peak memory (MB) |\n| --- | --- | --- | --- | --- |")
-    for r in rows:
-        print(f"| {r['recipe']} | {r['precision']} | {r['batch']} | {r['images_per_s']:.1f} | {r['peak_mem_mb']:.0f} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+    if args.measure:
+        print("RESULT " + json.dumps(run_one(args)), flush=True)
+        return
+    cfg = config.load(config.PretrainConfig, args.config, args.overrides)
+    bad = [m for m in args.only if m.count("-") != 1 or m.split("-")[0] not in ("plain", "project")
+           or m.split("-")[1] not in KINDS]
+    if bad:
+        raise UserError(f"--only {' '.join(bad)}: not a measurement; choose from plain-/project- data, step, e2e")
+    rows = {}
+    for m in args.only:
+        cmd = [sys.executable, os.path.abspath(__file__), "--measure", m, "--steps", str(args.steps), "--batches",
+               str(args.batches)] + sum([["--config", c] for c in args.config], []) + args.overrides
+        print(f"{m} ...", file=sys.stderr, flush=True)
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if proc.returncode or line is None:
+            raise UserError(f"{m} failed: {proc.stderr.strip()[-400:]}")
+        rows[m] = json.loads(line[len("RESULT "):])
+        print(f"{m}: {rows[m]['images_per_s']:.1f} images/s, peak {rows[m]['peak_mem_mb']:.0f} MB", file=sys.stderr)
+    from accelerate.state import PartialState
+    device = PartialState(cpu=cfg.train.cpu).device
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    for side in ("plain", "project"):
+        s = rows.get(f"{side}-step", {})
+        peak = next((v for k, v in PEAK.items() if k in gpu), None)
+        if peak and "achieved_tflops" in s:
+            s["mfu"] = s["achieved_tflops"] * 1e12 / peak["bf16" if s.get("precision") == "bf16" else "no"]
+    result = dict(recipe=" + ".join(args.config), overrides=args.overrides, batch=cfg.train.batch_size,
+                  device=gpu or str(device), cpu=cpu_info(), torch=torch.__version__, rows=rows)
+    for kind in KINDS:
+        if f"plain-{kind}" in rows and f"project-{kind}" in rows:
+            result[f"{kind}_ratio"] = rows[f"project-{kind}"]["images_per_s"] / rows[f"plain-{kind}"]["images_per_s"]
+    md = markdown(result)
+    print(md)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "bench.json"), "w") as f:
+            json.dump(result, f, indent=2)
+        with open(os.path.join(args.out, "bench.md"), "w") as f:
+            f.write(md)
+        print(f"wrote {args.out}/bench.json and bench.md", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -212,18 +212,26 @@ class BatchedTwoViews:
         return out
 
     def view(self, x: torch.Tensor, p: dict, normalize: bool = True) -> torch.Tensor:
-        """One view of the float (n, 3, h, w) batch in [0, 1] with parameters ``p``."""
+        """Views of the float (n, 3, h, w) batch in [0, 1] with parameters ``p`` (one row per output image; ``x``
+        is repeated when ``p`` has a multiple of its rows: both views of a batch are computed as one)."""
+        if len(p["flip"]) != len(x):
+            x = x.repeat(len(p["flip"]) // len(x), 1, 1, 1)
         y = resized_crop(x, p["boxes"], self.size, p["flip"])
         y = color_jitter(y, p["jitter"], p["factors"], p["order"])
-        y = torch.where(p["gray"].view(-1, 1, 1, 1), grayscale(y).expand_as(y), y)
+        sel = torch.nonzero(p["gray"]).squeeze(1)
+        if sel.numel():
+            y[sel] = grayscale(y[sel]).expand(-1, 3, -1, -1)
         sel = torch.nonzero(p["blur"]).squeeze(1)
         if sel.numel():
             y[sel] = gaussian_blur(y[sel], p["sigma"][sel], self.kernel)
-        y = torch.where(p["solarize"].view(-1, 1, 1, 1) & (y >= 128 / 255), 1 - y, y)
+        sel = torch.nonzero(p["solarize"]).squeeze(1)
+        if sel.numel():
+            z = y[sel]
+            y[sel] = torch.where(z >= 128 / 255, 1 - z, z)
         if normalize:
-            mean = torch.tensor(self.mean, device=y.device).view(1, 3, 1, 1)
-            std = torch.tensor(self.std, device=y.device).view(1, 3, 1, 1)
-            y = (y - mean) / std
+            inv = torch.tensor([1 / s for s in self.std], device=y.device).view(1, 3, 1, 1)
+            shift = torch.tensor([-m / s for m, s in zip(self.mean, self.std)], device=y.device).view(1, 3, 1, 1)
+            y = torch.addcmul(shift, y, inv)
         return y
 
     def __call__(self, images: torch.Tensor, index, epoch: int, device: Optional[torch.device] = None):
@@ -232,4 +240,5 @@ class BatchedTwoViews:
         x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
         index = index.tolist() if torch.is_tensor(index) else list(index)
         p1, p2 = self.params(index, epoch, x.shape[2], x.shape[3], device)
-        return self.view(x, p1), self.view(x, p2)
+        y = self.view(x, {k: torch.cat([p1[k], p2[k]]) for k in p1})  # both views in one pass
+        return y[:len(x)], y[len(x):]
