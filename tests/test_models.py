@@ -1,3 +1,4 @@
+import copy
 import glob
 import json
 import os
@@ -267,3 +268,22 @@ def test_every_ablation_overlay_loads_on_every_recipe_and_changes_something():
             over = config.to_dict(config.load(config.PretrainConfig, [recipe, overlay]))
             changed = changed or over != bases[recipe]
         assert changed, f"{os.path.basename(overlay)} changes no recipe"
+
+
+def test_centre_tap_convolutions_equal_plain_ones_on_every_map_size():
+    from ssl_bocb.models.backbones import CentreTapConv2d, use_centre_taps
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.Conv2d(16, 4, 3, 2, padding=1),
+                                torch.nn.Conv2d(4, 4, 1))
+    fast = copy.deepcopy(plain)
+    assert use_centre_taps(fast) == 2 and type(fast[2]) is torch.nn.Conv2d
+    assert list(dict(fast.named_parameters())) == list(dict(plain.named_parameters()))
+    for size in (1, 2, 5):
+        x = torch.randn(3, 8, size, size)
+        for m in (plain, fast):
+            m.zero_grad()
+            m(x).square().sum().backward()
+        assert torch.allclose(fast(x), plain(x), atol=1e-6)
+        for p, q in zip(fast.parameters(), plain.parameters()):
+            assert torch.allclose(p.grad, q.grad, atol=1e-5, rtol=1e-5)
+    assert sum(type(m) is CentreTapConv2d for m in create_backbone("resnet18").modules()) == 16

@@ -5,7 +5,7 @@
 
 The plain baseline is what a user would write without this toolkit: a torchvision PIL DataLoader of the SPEC
 section 1 recipe (data.num_workers workers) and an eager fp32 step (the same model, optimizer and batch; contiguous
-layout; no telemetry). The project side is tools/pretrain.py's own path: data.pipeline, the precision, layout and
+layout; no telemetry; timm's convolutions). The project side is tools/pretrain.py's own path: data.pipeline, the precision, layout and
 compile settings that auto picks on this device, the guard and telemetry. Each measurement runs in its own process
 (one after the other, never two at once), so that its peak memory is its own:
 
@@ -115,7 +115,11 @@ def plain_model(cfg, device):
     from ssl_bocb.losses import contrastive_loss
     from ssl_bocb.models import build_moco
     from ssl_bocb.optim import optimizer_from_cfg, resolve
+    from ssl_bocb.models.backbones import CentreTapConv2d
     model = build_moco(cfg.model).to(device)
+    for m in model.modules():  # the convolutions as timm builds them (the project's 1x1-map shortcut undone)
+        if type(m) is CentreTapConv2d:
+            m.__class__ = torch.nn.Conv2d
     resolved = resolve(cfg.optim)
     opt = optimizer_from_cfg(model, cfg.optim, config.scaled_lr(resolved.base_lr, cfg.train.batch_size,
                                                                 resolved.lr_scaling), resolved)

@@ -7,6 +7,7 @@ from typing import Any, Dict, List
 
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
@@ -157,9 +158,35 @@ def create_backbone(name: str, cifar_stem: bool = False, frozen_patch_embed: boo
             for m in model.modules():
                 if m is not model and callable(getattr(m, "zero_init_last", None)):
                     m.zero_init_last()
+        use_centre_taps(model)
     model.ssl_bocb_spec = backbone_spec(name, cifar_stem, frozen_patch_embed, pos_embed, kwargs, model,
                                         mlp_norm=mlp_norm, patch_norm=patch_norm)
     return model
+
+
+class CentreTapConv2d(nn.Conv2d):
+    """A 3x3 convolution with padding 1 that, on a 1x1 feature map, computes what it computes anyway: the product
+    with its centre tap (every other tap meets only padding). The deepest ResNet stage reaches 1x1 maps on 32 px
+    images, where oneDNN's CPU convolution backward ran 270 ms per call at batch 256 against a few ms for the
+    product; same parameters, same gradients (zero outside the centre, as before), other maps unchanged."""
+
+    def forward(self, x):
+        if x.shape[-2:] == (1, 1):
+            y = F.linear(x.flatten(1), self.weight[:, :, 1, 1], self.bias)
+            return y.view(*y.shape, 1, 1)  # with 1x1 maps this is both contiguous and channels-last
+        return super().forward(x)
+
+
+def use_centre_taps(model: nn.Module) -> int:
+    """Make every plain 3x3, padding-1, stride-any, ungrouped, undilated nn.Conv2d a :class:`CentreTapConv2d`
+    (the class only: the parameters and their names stay); returns how many."""
+    n = 0
+    for m in model.modules():
+        if (type(m) is nn.Conv2d and m.kernel_size == (3, 3) and m.padding == (1, 1) and m.dilation == (1, 1)
+                and m.groups == 1 and m.padding_mode == "zeros"):
+            m.__class__ = CentreTapConv2d
+            n += 1
+    return n
 
 
 def first_layer_parameters(backbone: nn.Module) -> List[nn.Parameter]:
