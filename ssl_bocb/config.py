@@ -200,6 +200,11 @@ class TrainConfig:
     stop_at_step: int = 0
     # Log step scalars every N steps.
     log_every: int = 10
+    # When the loss and gradient norms are read off the device. step: every step; a non-finite step is skipped
+    # before it is applied. log: only at log steps, checkpoints and epoch ends (no host sync per step); a window
+    # with a non-finite step is undone as a whole from a device copy of the state. auto: log on GPUs, step elsewhere
+    # (and with fp16, whose loss scaler decides per step).
+    host_reads: str = "auto"
     # Force the CPU even when an accelerator is present.
     cpu: bool = False
 
@@ -352,6 +357,7 @@ CHOICES = {
     "optim.trust_ratio_policy": ("exclude_1d", "all"),
     "optim.grad_clip_mode": ("norm", "first_layer", "agc"),
     "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
+    "train.host_reads": ("auto", "step", "log"),
     "mixed_precision": ("auto", "no", "bf16", "fp16"),
     "knn.backend": ("auto", "faiss", "torch"),
     "linear.mode": ("cached", "full"),
@@ -361,7 +367,8 @@ CHOICES = {
     "finetune.optim.grad_clip_mode": ("norm", "first_layer", "agc"),
 }
 # Keys that must be > 0 and >= 0.
-POSITIVE = ("data.cache_max_gb", "train.epochs", "train.batch_size", "optim.base_lr", "moco.temperature", "data.image_size",
+POSITIVE = ("data.cache_max_gb", "train.epochs", "train.batch_size", "optim.base_lr", "moco.temperature",
+            "data.image_size",
             "model.hidden_dim", "model.out_dim", "batch_size", "knn.k", "knn.temperature", "linear.epochs",
             "linear.batch_size", "linear.base_lr", "finetune.epochs", "finetune.batch_size", "finetune.optim.base_lr",
             "finetune.layer_decay", "optim.eps", "finetune.optim.eps", "stability.nonfinite_patience",

@@ -140,7 +140,8 @@ def test_crop_parameters_follow_torchvision_random_resized_crop():
     img = torch.zeros(3, height, width)
     ref = np.array([T.RandomResizedCrop.get_params(img, [0.08, 1.0], [3 / 4, 4 / 3]) for _ in range(n)], float)
     for name, f in (("area", lambda b: b[:, 2] * b[:, 3]), ("ratio", lambda b: b[:, 3] / b[:, 2]),
-                    ("top", lambda b: b[:, 0] / (height - b[:, 2] + 1)), ("left", lambda b: b[:, 1] / (width - b[:, 3] + 1))):
+                    ("top", lambda b: b[:, 0] / (height - b[:, 2] + 1)),
+                    ("left", lambda b: b[:, 1] / (width - b[:, 3] + 1))):
         assert ks(f(ours), f(ref)) < 0.025, name
     assert (ours[:, 0] + ours[:, 2] <= height).all() and (ours[:, 1] + ours[:, 3] <= width).all()
     # a scale range no attempt can satisfy (crops larger than the image) gives torchvision's central fallback

@@ -104,6 +104,37 @@ def test_non_finite_steps_in_a_row_roll_back_once_with_a_lower_lr(tmp_path, nan_
     assert os.path.isfile(os.path.join(out, "backbone.safetensors"))
 
 
+def test_host_reads_at_log_steps_undo_a_window_with_a_non_finite_step(tmp_path, nan_at, full):
+    """train.host_reads=log (auto on GPUs): no read per step; the window 3-4 holding the NaN step 3 is undone from
+    the device copy taken after step 2, exactly."""
+    nan_at({3})
+    out = run(tmp_path / "win", "train.host_reads=log", "train.log_every=2", "train.stop_at_step=4")
+    w0 = _state(os.path.join(full, "checkpoints", "step-00000002"), "model.safetensors")
+    w1 = _state(ckpt.latest_checkpoint(out), "model.safetensors")
+    assert os.path.basename(ckpt.latest_checkpoint(out)) == "step-00000004"
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)  # weights, momentum encoder and BN statistics after step 2
+    o0 = _state(os.path.join(full, "checkpoints", "step-00000002"), "optimizer.bin")["state"]
+    o1 = _state(ckpt.latest_checkpoint(out), "optimizer.bin")["state"]
+    assert all(torch.equal(o0[i][k], o1[i][k]) for i in o0 for k in o0[i])
+    s = summary(out)
+    assert s["events"]["nonfinite_steps"] == 1 and s["nonfinite_steps_list"][0]["step"] == 3
+    assert [r["step"] for r in rows(out)] == [2]  # step 4's row belonged to the undone window
+    full_loss = {r["step"]: r["loss"] for r in rows(full)}
+    assert rows(out)[0]["loss"] == full_loss[2]  # the same computation as reading every step
+
+
+def test_host_reads_at_log_steps_still_roll_back_after_the_patience(tmp_path, nan_at):
+    """Steps 5 and 7 are non-finite from a sound state (6 and 8 ran on the poisoned update of 5 / 7 and are not
+    counted): two in a row, the patience, so back to the checkpoint before step 5."""
+    nan_at({5, 6, 7})
+    out = run(tmp_path / "winrb", "train.host_reads=log", "train.log_every=2", "train.save_every_steps=2",
+              "stability.nonfinite_patience=2")
+    s = summary(out)
+    assert s["status"] == "finished" and s["events"]["rollbacks"] == 1 and s["events"]["nonfinite_steps"] == 2
+    assert (s["rollbacks_list"][0]["at_step"], s["rollbacks_list"][0]["to_step"]) == (7, 4)
+    assert [r["step"] for r in rows(out)] == [2, 4, 6, 8]
+
+
 def test_divergence_after_the_last_rollback_stops_with_one_line(tmp_path, nan_at):
     nan_at(set(range(3, 100)))
     with pytest.raises(UserError, match=r"training diverged: 2 non-finite steps in a row at step \d+, after 1 "

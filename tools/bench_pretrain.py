@@ -5,8 +5,8 @@
 
 The plain baseline is what a user would write without this toolkit: a torchvision PIL DataLoader of the SPEC
 section 1 recipe (data.num_workers workers) and an eager fp32 step (the same model, optimizer and batch; contiguous
-layout; no telemetry; timm's convolutions). The project side is tools/pretrain.py's own path: data.pipeline, the precision, layout and
-compile settings that auto picks on this device, the guard and telemetry. Each measurement runs in its own process
+layout; no telemetry; timm's convolutions). The project side is tools/pretrain.py's own path: data.pipeline, the
+precision, layout and compile settings that auto picks on this device, the guard and telemetry. Each measurement runs in its own process
 (one after the other, never two at once), so that its peak memory is its own:
 
   data      images/s of the two-view data path alone (batches of both views ready on the training device)
@@ -212,7 +212,7 @@ def measure_project_step(cfg, n, device):
         batch = (images.to(accelerator.device), index), labels, bad
     x1, x2, _ = data.views(batch, 0)
     fmt = torch.channels_last if cl else torch.contiguous_format
-    x1, x2 = x1.to(accelerator.device).contiguous(memory_format=fmt), x2.to(accelerator.device).contiguous(memory_format=fmt)
+    x1, x2 = (x.to(accelerator.device).contiguous(memory_format=fmt) for x in (x1, x2))
 
     def one():
         unwrapped.update_momentum(cfg.moco.momentum)
@@ -299,7 +299,8 @@ def markdown(result) -> str:
         if not (p and q):
             continue
         lines.append(f"| {kind} | {p['images_per_s']:.1f} | {q['images_per_s']:.1f} | "
-                     f"{q['images_per_s'] / p['images_per_s']:.2f}x | {p['peak_mem_mb']:.0f} | {q['peak_mem_mb']:.0f} |")
+                     f"{q['images_per_s'] / p['images_per_s']:.2f}x | {p['peak_mem_mb']:.0f} | "
+                     f"{q['peak_mem_mb']:.0f} |")
     step = rows.get("project-step", {})
     if step:
         lines += ["", f"Project settings: data.pipeline -> {rows.get('project-data', {}).get('pipeline', '?')}, "

@@ -85,7 +85,8 @@ def _decode_all(base, indices: List[int], size_limit: int, max_bytes: float, wha
     not share one size, are larger than ``size_limit`` or do not fit in ``max_bytes``."""
     images, bad, shape = None, np.zeros(len(indices), bool), None
     samples = getattr(base, "samples", None)
-    for k, j in enumerate(tqdm(indices, desc=f"decoding {what}", unit="img", mininterval=2, leave=False)):
+    bar = tqdm(indices, desc=f"decoding {what}", unit="img", mininterval=2, delay=1, leave=False)
+    for k, j in enumerate(bar):
         try:
             img, _ = base[j]
             arr = np.asarray(img.convert("RGB") if hasattr(img, "convert") else img, dtype=np.uint8)

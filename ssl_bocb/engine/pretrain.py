@@ -25,8 +25,8 @@ from ..optim import group_summary, optimizer_from_cfg, record, resolve
 from ..optim import schedules
 from . import checkpoint as ckpt
 from . import logs
-from .step import StepSettings, compute_gradients, guarded_step, moco_loss_fn
-from .telemetry import BufferSnapshot, GradNorms, RunEvents, strict_json
+from .step import StepSettings, compute_gradients, guarded_step, moco_loss_fn, resolve_host_reads
+from .telemetry import BufferSnapshot, GradNorms, RunEvents, StateSnapshot, strict_json
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +77,11 @@ def _cut_logs(accelerator, run_dir: str, step: int) -> None:
             logs.truncate_jsonl(os.path.join(run_dir, f), step)
 
 
-def _roll_back(accelerator, run_dir: str, events: RunEvents, st, step: int, streak: int, write_summary):
-    """After ``streak`` non-finite steps in a row: back to the newest sound checkpoint written before them, with the
-    lr lowered for the rest of the run; or stop with one line when the rollbacks are spent or there is no such
-    checkpoint. Returns the new (step, streak, last_applied)."""
-    first_bad = step - streak + 1
+def _roll_back(accelerator, run_dir: str, events: RunEvents, st, step: int, streak: int, first_bad: int,
+               write_summary):
+    """After ``streak`` non-finite steps in a row, the first at ``first_bad``: back to the newest sound checkpoint
+    written before them, with the lr lowered for the rest of the run; or stop with one line when the rollbacks are
+    spent or there is no such checkpoint. Returns the new (step, streak, last_applied)."""
     n = events.counts["rollbacks"]
     if n >= st.max_rollbacks:
         write_summary("diverged")
@@ -193,7 +193,8 @@ def pretrain(cfg: DictConfig, name: str = "run") -> str:
     wd = resolved.weight_decay
     wd_end = wd if cfg.optim.weight_decay_end is None else cfg.optim.weight_decay_end
     derived = dict(lr=lr, world_size=world, per_device_batch=per_device, steps_per_epoch=steps_per_epoch,
-                   total_steps=total_steps, warmup_steps=warmup_steps, train_images=len(dataset), data_pipeline=data.kind,
+                   total_steps=total_steps, warmup_steps=warmup_steps, train_images=len(dataset),
+                   data_pipeline=data.kind,
                    mixed_precision=accelerator.mixed_precision, channels_last=channels_last, compile=compiled,
                    param_groups=groups,
                    optimizer=optimizer_record, backbone=unwrapped.backbone.ssl_bocb_spec)
@@ -263,9 +264,16 @@ def pretrain(cfg: DictConfig, name: str = "run") -> str:
     events = RunEvents(norms.names, st.spike_factor, st.spike_window, st.spike_min_history, st.dip_drop,
                        monitor=monitor is not None)
     streak, last_applied = 0, True  # non-finite steps in a row; whether the last step changed the weights
+    first_bad = 0  # the step that began the current streak
+    # train.host_reads: "step" reads the loss and norms every step and skips a non-finite step before it is applied;
+    # "log" (auto on GPUs) reads them at log / checkpoint / epoch ends only and undoes a window with a non-finite step
+    deferred = resolve_host_reads(cfg.train.host_reads, accelerator) == "log"
+    pending = []
+    snapshot = StateSnapshot(unwrapped, optimizer) if deferred else None
     if resume_path and "events" in meta:
         events.load(meta["events"])
         streak, last_applied = meta.get("nonfinite_streak", 0), meta.get("last_step_applied", True)
+        first_bad = meta.get("nonfinite_streak_start", meta["step"] - streak + 1)
     log.info("non-finite guard: skip such steps, roll back after %d in a row (lr x%g, at most %d times); spikes: "
              "> %g x the median of the previous %d steps; kNN dips: > %g points below the best%s",
              st.nonfinite_patience, st.rollback_lr_factor, st.max_rollbacks, st.spike_factor, st.spike_window,
@@ -275,7 +283,7 @@ def pretrain(cfg: DictConfig, name: str = "run") -> str:
     def meta_now(epoch_done):
         return dict(step=step, epoch=step // steps_per_epoch, epochs_done=epoch_done, steps_per_epoch=steps_per_epoch,
                     config=config_mod.to_dict(cfg), derived=derived, events=strict_json(events.state()),
-                    nonfinite_streak=streak, last_step_applied=last_applied)
+                    nonfinite_streak=streak, nonfinite_streak_start=first_bad, last_step_applied=last_applied)
 
     def write_summary(status, **extra):
         if accelerator.is_main_process:
@@ -289,6 +297,8 @@ def pretrain(cfg: DictConfig, name: str = "run") -> str:
 
     write_summary("running")
     stop_at = cfg.train.stop_at_step or total_steps
+    if deferred:
+        snapshot.take()
     progress = None
     try:
         while step < stop_at:
@@ -316,49 +326,88 @@ def pretrain(cfg: DictConfig, name: str = "run") -> str:
                 schedules.set_group_values(optimizer, lr_t, wd_t)
                 if last_applied:  # EMA first, then the keys (MoCo v3 Alg. 1); once per applied optimizer step
                     unwrapped.update_momentum(m_t)
-                buffers.save()
+                if not deferred:
+                    buffers.save()
                 loss_fn = moco_loss_fn(model, unwrapped, accelerator, x1, x2, cfg.moco.temperature)
                 loss, gvec = compute_gradients(model, optimizer, accelerator, params, loss_fn, settings, norms)
                 if world > 1:  # every process must take the same decision: a non-finite loss anywhere counts
                     loss = accelerator.reduce(loss, "mean")
-                values = torch.cat([loss.float().view(1), gvec.float()]).tolist()  # the step's one host read
-                loss_v, gn, layer_v = values[0], values[1], values[2:]
-                status = guarded_step(optimizer, accelerator, math.isfinite(loss_v), math.isfinite(gn))
+                vec = torch.cat([loss.float().view(1), gvec.float()])
                 step += 1
                 skipped += n_bad.sum()
                 progress.update(cfg.train.batch_size)
-                if status == "nonfinite":
-                    buffers.restore()  # BatchNorm statistics of a diverging forward would poison later steps
-                    streak, last_applied = streak + 1, False
-                    events.nonfinite(step, loss_v, gn)
-                    log.warning("step %d: non-finite loss %s / gradient norm %s; step skipped (%d in a row)", step,
-                                loss_v, gn, streak)
-                    if streak >= st.nonfinite_patience:
-                        step, streak, last_applied = _roll_back(accelerator, run_dir, events, st, step, streak,
-                                                                write_summary)
-                        rolled_back = True
-                        break
-                elif status == "overflow":
-                    events.overflow()
-                    last_applied = False
+                if deferred:  # applied now, checked at the next read point: no host read in this step
+                    optimizer.step()
+                    pending.append((step, vec, (lr_t, wd_t, m_t)))
+                    last_applied = True
+                    if not (step % cfg.train.log_every == 0 or step >= stop_at or step % steps_per_epoch == 0
+                            or (cfg.train.save_every_steps and step % cfg.train.save_every_steps == 0)):
+                        continue
+                    window, pending = pending, []
+                    values = torch.stack([v for _, v, _ in window]).tolist()  # the window's one host read
+                    finite = [math.isfinite(v[0]) and math.isfinite(v[1]) for v in values]
+                    # the steps after the window's first non-finite one ran on its poisoned update: not counted
+                    first = finite.index(False) if not all(finite) else len(finite)
+                    outcome = [(s_, v, sc, None if first == len(finite) else
+                                "undone" if i < first else "nonfinite" if i == first else "ignored")
+                               for i, ((s_, _, sc), v) in enumerate(zip(window, values))]
                 else:
-                    streak, last_applied = 0, True
-                    for ev in events.observe(step, loss_v, gn, layer_v):
-                        log.warning("step %d: %s", step, _describe(ev))
+                    values = vec.tolist()  # the step's one host read
+                    status = guarded_step(optimizer, accelerator, math.isfinite(values[0]), math.isfinite(values[1]))
+                    if status == "nonfinite":
+                        buffers.restore()  # BatchNorm statistics of a diverging forward would poison later steps
+                    outcome = [(step, values, (lr_t, wd_t, m_t), status)]
+                for s_, v, (lr_s, wd_s, m_s), status in outcome:
+                    loss_v, gn, layer_v = v[0], v[1], v[2:]
+                    if status == "ignored":
+                        continue
+                    if status == "nonfinite":
+                        streak = streak + 1
+                        first_bad = s_ if streak == 1 else first_bad
+                        last_applied = deferred  # a deferred window is restored to its start, EMA included
+                        events.nonfinite(s_, loss_v, gn)
+                        log.warning("step %d: non-finite loss %s / gradient norm %s; step %s (%d in a row)", s_,
+                                    loss_v, gn, "undone" if deferred else "skipped", streak)
+                        if streak >= st.nonfinite_patience:
+                            step, streak, last_applied = _roll_back(accelerator, run_dir, events, st, s_, streak,
+                                                                    first_bad, write_summary)
+                            rolled_back = True
+                            break
+                        continue
+                    if status == "overflow":
+                        events.overflow()
+                        last_applied = False
+                        continue
+                    streak = 0
+                    if status == "undone":  # finite, but in a window whose update was undone
+                        continue
+                    for ev in events.observe(s_, loss_v, gn, layer_v):
+                        log.warning("step %d: %s", s_, _describe(ev))
                     sums["loss"] += loss_v
                     sums["grad_norm"] += gn
                     sums["n"] += 1
-                    progress.set_postfix(loss=f"{loss_v:.4f}", lr=f"{lr_t:.3g}", refresh=False)
-                if (step % cfg.train.log_every == 0 or step == stop_at) and status is None:
-                    now = time.time()
-                    row = dict(step=step, epoch=epoch, loss=loss_v, lr=lr_t, wd=wd_t, momentum=m_t, grad_norm=gn,
-                               images_per_s=(step - last_logged) * cfg.train.batch_size / max(now - t_log, 1e-9),
-                               peak_mem_mb=logs.peak_memory_mb(accelerator.device),
-                               layer_grad_norm=dict(zip(norms.names, layer_v)))
-                    t_log, last_logged = now, step
-                    if accelerator.is_main_process:
-                        logs.append_jsonl(os.path.join(run_dir, "steps.jsonl"), row)
-                        tb.scalars("train", row, step)
+                    progress.set_postfix(loss=f"{loss_v:.4f}", lr=f"{lr_s:.3g}", refresh=False)
+                    if s_ % cfg.train.log_every == 0 or s_ == stop_at:
+                        now = time.time()
+                        row = dict(step=s_, epoch=epoch, loss=loss_v, lr=lr_s, wd=wd_s, momentum=m_s, grad_norm=gn,
+                                   images_per_s=(s_ - last_logged) * cfg.train.batch_size / max(now - t_log, 1e-9),
+                                   peak_mem_mb=logs.peak_memory_mb(accelerator.device),
+                                   layer_grad_norm=dict(zip(norms.names, layer_v)))
+                        t_log, last_logged = now, s_
+                        if accelerator.is_main_process:
+                            logs.append_jsonl(os.path.join(run_dir, "steps.jsonl"), row)
+                            tb.scalars("train", row, s_)
+                if deferred:
+                    if rolled_back:
+                        snapshot.take()
+                    elif not all(finite):
+                        snapshot.restore()
+                        log.warning("steps %d-%d undone: the weights, optimizer state and BatchNorm statistics are "
+                                    "those after step %d again", window[0][0], window[-1][0], window[0][0] - 1)
+                    else:
+                        snapshot.take()
+                if rolled_back:
+                    break
                 if cfg.train.save_every_steps and step % cfg.train.save_every_steps == 0:
                     save(False)
                 if step >= stop_at:

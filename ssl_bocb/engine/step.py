@@ -105,6 +105,16 @@ def train_step(model: nn.Module, optimizer, accelerator, params, loss_fn: Callab
     return loss, grad_norm
 
 
+def resolve_host_reads(requested: str, accelerator) -> str:
+    """``train.host_reads``: auto is "log" on GPUs (a host read per step stalls the device queue) and "step" elsewhere
+    (on a CPU it costs nothing); fp16's loss scaler decides per step, so it always reads per step."""
+    if accelerator.scaler is not None:
+        return "step"
+    if requested == "auto":
+        return "log" if accelerator.device.type == "cuda" else "step"
+    return requested
+
+
 def guarded_step(optimizer, accelerator, finite_loss: bool, finite_grads: bool) -> Optional[str]:
     """The optimizer step of the non-finite guard; returns None (applied), "nonfinite" (skipped: the loss or a
     gradient is not finite) or "overflow" (fp16: the loss scaler skipped the step and lowered its scale).

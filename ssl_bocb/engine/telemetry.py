@@ -23,6 +23,7 @@ Rules (``stability.*`` settings; the same as the BOCB report's, see :mod:`ssl_bo
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import re
@@ -111,6 +112,24 @@ class BufferSnapshot:
         if self.buffers:
             with torch.no_grad():
                 torch._foreach_copy_(self.buffers, self.copies)
+
+
+class StateSnapshot:
+    """A device copy of the whole training state (weights, momentum encoder, BatchNorm statistics, optimizer state)
+    for ``train.host_reads=log``: taken at each read point whose window was sound, put back when a window held a
+    non-finite step. Device-to-device copies only, once per window."""
+
+    def __init__(self, model: nn.Module, optimizer):
+        self.model, self.optimizer = model, optimizer
+        self.weights = self.state = None
+
+    def take(self) -> None:
+        self.weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.state = copy.deepcopy(self.optimizer.state_dict())
+
+    def restore(self) -> None:
+        self.model.load_state_dict(self.weights)
+        self.optimizer.load_state_dict(copy.deepcopy(self.state))
 
 
 class RunEvents:
