@@ -6,8 +6,8 @@
 The plain baseline is what a user would write without this toolkit: a torchvision PIL DataLoader of the SPEC
 section 1 recipe (data.num_workers workers) and an eager fp32 step (the same model, optimizer and batch; contiguous
 layout; no telemetry; timm's convolutions). The project side is tools/pretrain.py's own path: data.pipeline, the
-precision, layout and compile settings that auto picks on this device, the guard and telemetry. Each measurement runs in its own process
-(one after the other, never two at once), so that its peak memory is its own:
+precision, layout and compile settings that auto picks on this device, the guard and telemetry. Each measurement
+runs in its own process (one after the other, never two at once), so that its peak memory is its own:
 
   data      images/s of the two-view data path alone (batches of both views ready on the training device)
   step      images/s of the training step alone, on one fixed batch
