@@ -207,6 +207,10 @@ def pretrain(cfg: DictConfig, name: str = "run") -> str:
     if resume_path:
         ckpt.check_same_optimizer(meta, derived, resume_path)
         check_same_schedule(meta, derived, resume_path)
+        was = meta.get("derived", {}).get("data_pipeline", "pil")
+        if was != data.kind:
+            log.warning("the checkpoint was trained with the %s data path, this run uses %s: the remaining steps see "
+                        "other augmentations (set data.pipeline=%s for an exact continuation)", was, data.kind, was)
         ckpt.load_checkpoint(accelerator, resume_path)
         step = meta["step"]
 
