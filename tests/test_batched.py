@@ -227,3 +227,20 @@ def test_decoded_cache_is_built_once_reused_and_skips_corrupt_files(tmp_path, mo
     third, _ = C.decoded_dataset(cfg, "train")
     assert not np.array_equal(np.asarray(third.images), first.images)
     assert len([f for f in os.listdir(tmp_path / "cache" / "decoded") if f.endswith(".npy")]) == 2
+
+
+def test_evaluation_images_from_the_decoded_cache_equal_the_pil_transform(tmp_path):
+    from ssl_bocb.data import build_dataset, eval_transform
+    from ssl_bocb.data.pipeline import NormalisedImages, eval_images
+    cfg = data_cfg("data.name=fake", "data.image_size=32")
+    fast, slow = eval_images(cfg, "test", subset=3), build_dataset(cfg, "test", eval_transform(cfg), subset=3)
+    assert isinstance(fast, NormalisedImages) and len(fast) == len(slow) == 12 and fast.targets == slow.targets
+    x, labels, n_bad = fast.__getitems__(list(range(12)))
+    ref = torch.stack([slow[i][0] for i in range(12)])
+    assert x.shape == ref.shape and torch.allclose(x, ref, atol=1e-5) and int(n_bad) == 0
+    assert labels.tolist() == slow.targets
+    assert not isinstance(eval_images(data_cfg("data.name=fake", "data.image_size=32", "data.pipeline=pil"), "test"),
+                          NormalisedImages)
+    make_tree(str(tmp_path / "test"), size=40)  # larger than the crop: resize + centre crop, the PIL transform
+    big = data_cfg("data.name=imagefolder", f"data.root={tmp_path}", "data.image_size=32")
+    assert not isinstance(eval_images(big, "test"), NormalisedImages)

@@ -91,8 +91,9 @@ def extract_features(backbone: nn.Module, dataset, accelerator, batch_size: int 
     Runs through Accelerate: each process embeds its shard and ``gather_for_metrics`` drops the padding that
     evens out the last batch. ``channels_last`` as ``train.channels_last`` (None = auto for the device).
     """
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        pin_memory=accelerator.device.type == "cuda")
+    options = {"num_workers": num_workers, **getattr(dataset, "loader_kwargs", {})}  # decoded data: no workers
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, pin_memory=accelerator.device.type == "cuda",
+                        **options)
     layout = (torch.channels_last if use_channels_last(channels_last, backbone, accelerator.device)
               else torch.contiguous_format)
     model = backbone.to(accelerator.device, memory_format=layout)

@@ -2,7 +2,7 @@
 curve and its dips (MoCo v3 sec. 4) show while training runs."""
 import torch
 
-from ..data import build_dataset, eval_transform
+from ..data.pipeline import eval_images
 from .features import extract_features
 from .knn import knn_classify
 
@@ -12,9 +12,8 @@ class KnnMonitor:
         m = cfg.monitor
         self.k, self.t, self.accelerator = m.knn_k, m.knn_temperature, accelerator
         self.batch = max(cfg.train.batch_size // accelerator.num_processes, 64)
-        tf = eval_transform(cfg.data)
-        self.train = build_dataset(cfg.data, cfg.data.train_split, tf, subset=m.knn_train_per_class)
-        self.test = build_dataset(cfg.data, cfg.data.test_split, tf, subset=m.knn_test_per_class)
+        self.train = eval_images(cfg.data, cfg.data.train_split, subset=m.knn_train_per_class)
+        self.test = eval_images(cfg.data, cfg.data.test_split, subset=m.knn_test_per_class)
         self.workers = cfg.data.num_workers
         self.channels_last = cfg.train.channels_last  # auto decides as for the training model: the same backbone
 

@@ -7,6 +7,7 @@ from typing import Dict, Tuple
 
 from ..config import to_dict
 from ..data import build_dataset, eval_transform, probe_train_transform
+from ..data.pipeline import eval_images
 from ..engine import make_accelerator
 from ..engine.logs import setup_logging
 from ..errors import UserError
@@ -50,7 +51,7 @@ class EvalSession:
     def features(self, split: str, train: bool) -> Tuple:
         cfg = self.cfg
         subset = cfg.data.subset if train else cfg.test_subset
-        ds = build_dataset(cfg.data, split, eval_transform(cfg.data), seed=cfg.seed, subset=subset)
+        ds = eval_images(cfg.data, split, seed=cfg.seed, subset=subset)
         feats, labels, hit = cached_features(self.backbone, self.digest, ds, cfg.data, split, subset,
                                              self.accelerator, cfg.batch_size, cfg.cache_features, cfg.data.cache_dir)
         return feats, labels, hit, ds
