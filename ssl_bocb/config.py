@@ -315,6 +315,13 @@ class FinetuneConfig:
     # Checkpoint every N epochs (and at the end); resume as in pretraining.
     save_every: int = 1
     resume: str = ""
+    # steps.jsonl interval (loss, lr, gradient norms per layer), as train.log_every.
+    log_every: int = 10
+    # When the loss and gradient norms are read off the device, as train.host_reads (auto: log on GPUs).
+    host_reads: str = "auto"
+    # The non-finite guard, rollback and spike / dip rules, as pretraining's stability.* (the dip rule watches
+    # the validation top-1 after each epoch).
+    stability: StabilityConfig = field(default_factory=StabilityConfig)
 
 
 @dataclass
@@ -358,6 +365,7 @@ CHOICES = {
     "optim.grad_clip_mode": ("norm", "first_layer", "agc"),
     "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
     "train.host_reads": ("auto", "step", "log"),
+    "finetune.host_reads": ("auto", "step", "log"),
     "mixed_precision": ("auto", "no", "bf16", "fp16"),
     "knn.backend": ("auto", "faiss", "torch"),
     "linear.mode": ("cached", "full"),
@@ -373,7 +381,9 @@ POSITIVE = ("data.cache_max_gb", "train.epochs", "train.batch_size", "optim.base
             "linear.batch_size", "linear.base_lr", "finetune.epochs", "finetune.batch_size", "finetune.optim.base_lr",
             "finetune.layer_decay", "optim.eps", "finetune.optim.eps", "stability.nonfinite_patience",
             "stability.rollback_lr_factor", "stability.spike_factor", "stability.spike_window",
-            "stability.spike_min_history")
+            "stability.spike_min_history", "train.log_every", "finetune.log_every",
+            "finetune.stability.nonfinite_patience", "finetune.stability.rollback_lr_factor",
+            "finetune.stability.spike_factor", "finetune.stability.spike_window", "finetune.stability.spike_min_history")
 NON_NEGATIVE = ("optim.weight_decay", "train.warmup_epochs", "data.subset", "data.num_workers",
                 "train.save_every", "train.save_every_steps", "optim.grad_clip", "train.stop_at_step",
                 "monitor.knn_every", "test_subset", "linear.weight_decay", "finetune.warmup_epochs",
@@ -381,7 +391,8 @@ NON_NEGATIVE = ("optim.weight_decay", "train.warmup_epochs", "data.subset", "dat
                 "finetune.cutmix", "finetune.mixup_prob", "finetune.ema_decay", "optim.sam.rho", "finetune.optim.sam.rho",
                 "optim.momentum", "finetune.optim.momentum", "moco.momentum", "optim.trust_coefficient",
                 "finetune.optim.weight_decay_end", "optim.weight_decay_end", "finetune.optim.grad_clip",
-                "stability.max_rollbacks", "stability.dip_drop")
+                "stability.max_rollbacks", "stability.dip_drop", "finetune.stability.max_rollbacks",
+                "finetune.stability.dip_drop")
 
 # Free-form mappings inside the schema (any key allowed).
 OPEN_KEYS = ("model.backbone_kwargs", "optim.kwargs", "finetune.optim.kwargs", "optim.per_optimizer",

@@ -204,13 +204,13 @@ def test_a_synthetic_spike_is_detected_at_its_step_and_first_layer():
 def test_a_dip_in_a_scripted_monitor_series_is_detected():
     ev = RunEvents(["first_layer"], 3.0, 20, 5, dip_drop=2.0, monitor=True)
     series = [10.0, 12.0, 15.0, 12.5, 14.0, 11.0, 10.5, 16.0]
-    found = [e for i, v in enumerate(series) for e in ev.observe_knn(10 * (i + 1), i + 1, v)]
+    found = [e for i, v in enumerate(series) for e in ev.observe_dip(10 * (i + 1), i + 1, v)]
     assert [(e["epoch"], e["knn_top1"], e["best"]) for e in found] == [(4, 12.5, 15.0), (6, 11.0, 15.0)]
     assert ev.counts["knn_dips"] == 2  # 11.0 then 10.5 in a row are one dip
     state = json.loads(json.dumps(ev.state()))  # what a checkpoint carries: a resumed run goes on the same way
     again = RunEvents(["first_layer"], 3.0, 20, 5, 2.0, True)
     again.load(state)
-    assert again.observe_knn(90, 9, 13.5) and again.counts["knn_dips"] == 3
+    assert again.observe_dip(90, 9, 13.5) and again.counts["knn_dips"] == 3
 
 
 KILLER = """

@@ -1,3 +1,5 @@
-from .pretrain import epoch_batches, make_accelerator, pretrain
+from .loop import epoch_batches
+from .pretrain import pretrain
+from .setup import make_accelerator
 
 __all__ = ["epoch_batches", "make_accelerator", "pretrain"]

@@ -42,18 +42,27 @@ _BLOCK = re.compile(r"^(?:blocks|layers|stages)\.(\d+)\.|^(layer\d+)\.(\d+)\.")
 
 
 def layer_names(model: nn.Module, params: List[nn.Parameter]) -> List[str]:
-    """The telemetry layer of each of ``params`` (a MoCo model's trainable parameters, in order)."""
+    """The telemetry layer of each of ``params`` (in order): of a MoCo model (``backbone`` with ``projector`` and
+    ``predictor`` beside it), or of a classifier being fine-tuned (a timm model: its classifier is ``head``)."""
     from ..models.backbones import first_layer_parameters
+    inner = getattr(model, "backbone", None)
+    backbone = inner if isinstance(inner, nn.Module) else model
     try:
-        first = {id(p) for p in first_layer_parameters(model.backbone)}
+        first = {id(p) for p in first_layer_parameters(backbone)}
     except Exception:  # a backbone without a first convolution: no first-layer group
         first = set()
+    classifier = set()
+    if backbone is model and hasattr(model, "get_classifier"):
+        classifier = {id(p) for p in model.get_classifier().parameters()}
     names, seen_block = {}, False
     for name, p in model.named_parameters():
         if id(p) in first:
             names[id(p)] = "first_layer"
             continue
-        head, _, rest = name.partition(".")
+        if id(p) in classifier:
+            names[id(p)] = "head"
+            continue
+        head, _, rest = ("backbone", "", name) if backbone is model else name.partition(".")
         if head in ("projector", "predictor"):
             names[id(p)] = head
         elif head == "backbone":
@@ -75,7 +84,7 @@ class GradNorms:
         per_param = layer_names(model, params)
         order = list(dict.fromkeys(per_param))
         # the first layer first, the heads last, the blocks in the order the model holds them
-        order.sort(key=lambda n: (n != "first_layer", n in ("projector", "predictor"), n == "predictor"))
+        order.sort(key=lambda n: (n != "first_layer", n in ("projector", "predictor", "head"), n == "predictor"))
         self.names = order
         self.params = params
         self._group = [order.index(n) for n in per_param]
@@ -117,18 +126,21 @@ class BufferSnapshot:
 class StateSnapshot:
     """A device copy of the whole training state (weights, momentum encoder, BatchNorm statistics, optimizer state)
     for ``train.host_reads=log``: taken at each read point whose window was sound, put back when a window held a
-    non-finite step. Device-to-device copies only, once per window."""
+    non-finite step. Device-to-device copies only, once per window. ``extra_modules`` are copied with the model
+    (a fine-tune's EMA of the weights)."""
 
-    def __init__(self, model: nn.Module, optimizer):
-        self.model, self.optimizer = model, optimizer
+    def __init__(self, model: nn.Module, optimizer, extra_modules=()):
+        self.modules = [model, *extra_modules]
+        self.optimizer = optimizer
         self.weights = self.state = None
 
     def take(self) -> None:
-        self.weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.weights = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in self.modules]
         self.state = copy.deepcopy(self.optimizer.state_dict())
 
     def restore(self) -> None:
-        self.model.load_state_dict(self.weights)
+        for m, w in zip(self.modules, self.weights):
+            m.load_state_dict(w)
         self.optimizer.load_state_dict(copy.deepcopy(self.state))
 
 
@@ -137,7 +149,7 @@ class RunEvents:
     a resumed run continues the same counts and the same detection windows."""
 
     def __init__(self, layers: List[str], factor: float, window: int, min_history: int, dip_drop: float,
-                 monitor: bool):
+                 monitor: bool, dip_metric: str = "knn_top1"):
         self.layers = layers
         self.rules = dict(spike_factor=factor, spike_window=window, spike_min_history=min_history,
                           dip_drop=dip_drop)
@@ -146,9 +158,12 @@ class RunEvents:
         self.per_layer = {n: SpikeDetector(factor, window, min_history) for n in layers}
         self.dip = DipDetector(dip_drop)
         self.monitor = monitor
-        self.counts = dict(grad_spikes=0, loss_spikes=0, knn_dips=0, nonfinite_steps=0, overflow_skips=0,
-                           rollbacks=0)
-        self.lists = dict(grad_spikes=[], loss_spikes=[], knn_dips=[], nonfinite_steps=[], rollbacks=[])
+        # the epoch-end value watched for dips: pretraining's kNN monitor, a fine-tune's validation top-1
+        self.dip_metric = dip_metric
+        self.dip_key = "knn_dips" if dip_metric == "knn_top1" else f"{dip_metric}_dips"
+        self.counts = {"grad_spikes": 0, "loss_spikes": 0, self.dip_key: 0, "nonfinite_steps": 0, "overflow_skips": 0,
+                       "rollbacks": 0}
+        self.lists = {"grad_spikes": [], "loss_spikes": [], self.dip_key: [], "nonfinite_steps": [], "rollbacks": []}
         self.first_layers = Counter()
         self.layer_onset: Dict[str, Optional[int]] = {n: None for n in layers}  # start of each layer's spike run
         self.in_spike = dict(grad=False, loss=False, knn=False)
@@ -191,14 +206,15 @@ class RunEvents:
         self.in_spike["loss"] = spiking
         return out
 
-    def observe_knn(self, step: int, epoch: int, value: float) -> List[Dict]:
+    def observe_dip(self, step: int, epoch: int, value: float) -> List[Dict]:
+        """Feed one epoch-end reading of the watched metric; returns the dip event that began at it, if any."""
         best = self.dip.best
         dipping = self.dip.update(value)
         out = []
         if dipping and not self.in_spike["knn"]:
-            ev = dict(step=step, epoch=epoch, knn_top1=value, best=best)
-            self._add("knn_dips", ev)
-            out.append(dict(kind="knn_dip", **ev))
+            ev = {"step": step, "epoch": epoch, self.dip_metric: value, "best": best}
+            self._add(self.dip_key, ev)
+            out.append(dict(kind="dip", metric=self.dip_metric, value=value, **ev))
         self.in_spike["knn"] = dipping
         return out
 
@@ -240,7 +256,7 @@ class RunEvents:
         kind), how often each layer spiked first, the lr scale left by rollbacks, and the rules."""
         events = dict(self.counts)
         if not self.monitor:
-            events["knn_dips"] = None
+            events[self.dip_key] = None
         out = dict(status=status, step=step, total_steps=total_steps, events=events,
                    first_layer_counts=dict(self.first_layers.most_common()), lr_scale=self.lr_scale,
                    rules=self.rules, layers=self.layers,

@@ -2,10 +2,11 @@
 
 DeiT / ResNet-RS knobs through timm: any optimizer of the registry (the fine-tune optimizer is a BOCB axis too),
 linear warmup + cosine per step, layer-wise lr decay for ViTs, drop-path, label smoothing, Mixup / CutMix,
-RandAugment, and an optional EMA of the weights. Checkpoints and resume work as in pretraining.
+RandAugment, and an optional EMA of the weights. The run is a task of the one training loop (``engine.loop``),
+so it has pretraining's non-finite guard and rollback, per-layer gradient telemetry with spike events, dips of the
+validation top-1, steps.jsonl, summary.json, TensorBoard, checkpoints and exact resume.
 """
 import logging
-import math
 import os
 import time
 from typing import Dict
@@ -19,19 +20,17 @@ from timm.data import Mixup, create_transform
 from timm.loss import SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
-from ..analysis.plots import training_curves
-from ..config import save as save_config
 from ..config import scaled_lr, to_dict
 from ..data import build_dataset, eval_transform, norm_stats
 from ..engine import checkpoint as ckpt
 from ..engine import logs
-from ..engine import epoch_batches, make_accelerator
-from ..engine.step import StepSettings, train_step
+from ..engine.loop import LoopSettings, Task, TrainLoop
+from ..engine.setup import log_optimizer, make_accelerator, open_run_folder, resolve_run_folder
+from ..engine.step import StepSettings
 from ..errors import UserError
 from ..models.backbones import create_from_spec
-from ..optim import build_optimizer, group_summary, param_groups, record, resolve, schedules
+from ..optim import build_optimizer, group_summary, param_groups, record, resolve
 from .features import load_eval_backbone
 from .linear import evaluate
 from .metrics import check_writable, result_path, write_metrics
@@ -81,162 +80,179 @@ def finetune_param_groups(model, optim_cfg, weight_decay: float, layer_decay: fl
     return groups
 
 
+class FinetuneTask(Task):
+    """Supervised fine-tuning of a (pretrained) backbone as a task of the training loop."""
+    dip_metric = "top1"
+
+    def __init__(self, cfg, accelerator, run_dir: str):
+        fc, oc = cfg.finetune, cfg.finetune.optim
+        self.cfg, self.accelerator, self.run_dir = cfg, accelerator, run_dir
+        world = accelerator.num_processes
+        if fc.batch_size % world:
+            raise UserError(f"finetune.batch_size={fc.batch_size} does not divide by the {world} processes")
+        per_device = fc.batch_size // world
+        use_mix = (fc.mixup > 0 or fc.cutmix > 0) and fc.mixup_prob > 0
+        if use_mix and per_device % 2:
+            raise UserError(f"Mixup / CutMix need an even batch per process, got {per_device}; change "
+                            f"finetune.batch_size or set finetune.mixup_prob=0")
+        mean, std = norm_stats(cfg.data)
+        self.train_tf = create_transform(cfg.data.image_size, is_training=True, auto_augment=fc.randaugment or None,
+                                         mean=mean, std=std, interpolation="bicubic")
+        self.dataset = build_dataset(cfg.data, cfg.data.train_split, self.train_tf, seed=cfg.seed)
+        test_ds = build_dataset(cfg.data, cfg.data.test_split, eval_transform(cfg.data), seed=cfg.seed,
+                                subset=cfg.test_subset)
+        num_classes = count_classes(self.dataset, test_ds)
+        if len(self.dataset) < fc.batch_size:
+            raise UserError(f"{len(self.dataset)} training images are fewer than one batch of {fc.batch_size}; lower "
+                            f"finetune.batch_size")
+        model, self.info = build_finetune_model(cfg, num_classes)
+        family = model.ssl_bocb_spec["family"]
+        self.family = family
+        self.resolved = resolve(oc, "finetune.optim")
+        self.step_settings = StepSettings.from_cfg(oc, self.resolved.entry, cfg.mixed_precision, "finetune.optim",
+                                                   backbone=model)
+        self.lr = scaled_lr(self.resolved.base_lr, fc.batch_size, self.resolved.lr_scaling)
+        groups = finetune_param_groups(model, oc, self.resolved.weight_decay, fc.layer_decay, family)
+        optimizer = build_optimizer(groups, self.resolved, self.lr)
+        self.groups = group_summary(optimizer.param_groups)
+        self.optimizer_record = record(optimizer, self.resolved, self.lr)
+        train_loader = DataLoader(self.dataset, batch_size=per_device, shuffle=True, drop_last=True,
+                                  num_workers=cfg.data.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
+        test_loader = DataLoader(test_ds, batch_size=max(per_device, 64), shuffle=False,
+                                 num_workers=cfg.data.num_workers)
+        self.ema = ModelEmaV3(model, decay=fc.ema_decay) if fc.ema_decay > 0 else None
+        self.model, self.optimizer, self.loader, self.test_loader = accelerator.prepare(model, optimizer,
+                                                                                        train_loader, test_loader)
+        if self.ema is not None:  # checkpointed as ema.safetensors (not through Accelerate's pickled custom states)
+            self.ema.to(accelerator.device)
+        self.mixup = Mixup(mixup_alpha=fc.mixup, cutmix_alpha=fc.cutmix, prob=fc.mixup_prob,
+                           label_smoothing=fc.label_smoothing, num_classes=num_classes) if use_mix else None
+        self.soft_ce = SoftTargetCrossEntropy()
+        self.unwrapped = accelerator.unwrap_model(self.model)
+        self.config = to_dict(cfg)
+        steps_per_epoch = len(self.loader)
+        self.derived = dict(lr=self.lr, world_size=world, per_device_batch=per_device,
+                            steps_per_epoch=steps_per_epoch, total_steps=fc.epochs * steps_per_epoch,
+                            warmup_steps=int(round(fc.warmup_epochs * steps_per_epoch)), num_classes=num_classes,
+                            train_images=len(self.dataset), test_images=len(test_ds), source=self.info,
+                            param_groups=self.groups, optimizer=self.optimizer_record)
+
+    def loop_settings(self) -> LoopSettings:
+        fc, oc, wd = self.cfg.finetune, self.cfg.finetune.optim, self.resolved.weight_decay
+        return LoopSettings(
+            epochs=fc.epochs, batch_size=fc.batch_size, lr=self.lr, warmup_steps=self.derived["warmup_steps"],
+            min_lr=self.lr * oc.min_lr_ratio, weight_decay=wd,
+            weight_decay_end=wd if oc.weight_decay_end is None else oc.weight_decay_end, log_every=fc.log_every,
+            save_every=fc.save_every, stability=fc.stability, keep_checkpoints=1, host_reads=fc.host_reads,
+            desc="fine-tune", optim_key="finetune.optim", resume_key="finetune.resume")
+
+    def resume(self, path: str, meta: dict) -> None:
+        """Check that the checkpoint fits this run, then load it (and its EMA). A fine-tune may be resumed with more
+        epochs (its cosine is then stretched from the step it resumes at), so the schedule is not checked."""
+        ckpt.check_same_optimizer(meta, self.derived, path)
+        ckpt.load_checkpoint(self.accelerator, path)
+        self.load_extra(path)
+
+    # --- the loop's hooks ------------------------------------------------------------------------------------------
+    def prepare(self, batch, epoch: int):
+        x, y, n_bad = batch
+        y_soft = None
+        if self.mixup is not None:
+            x, y_soft = self.mixup(x, y)
+        return (x, y, y_soft), n_bad
+
+    def loss_fn(self, inputs):
+        x, y, y_soft = inputs
+        fc = self.cfg.finetune
+
+        def loss_fn():
+            with self.accelerator.autocast():
+                logits = self.model(x).float()
+            if y_soft is not None:
+                return self.soft_ce(logits, y_soft)
+            return F.cross_entropy(logits, y, label_smoothing=fc.label_smoothing)
+        return loss_fn
+
+    def after_applied(self, step: int) -> None:
+        if self.ema is not None:
+            self.ema.update(self.unwrapped, step=step)
+
+    def epoch_end(self, epoch: int, step: int) -> Dict:
+        res = evaluate(self.model, self.test_loader, self.accelerator)
+        out = dict(top1=res["top1"], top5=res["top5"])
+        if self.ema is not None:
+            e = evaluate(self.ema.module, self.test_loader, self.accelerator)
+            out.update(ema_top1=e["top1"], ema_top5=e["top5"])
+        return out
+
+    def epoch_note(self, row: Dict) -> str:
+        return (f"  top-1 {row['top1']:.2f}  top-5 {row['top5']:.2f}"
+                + (f"  EMA top-1 {row['ema_top1']:.2f}" if "ema_top1" in row else ""))
+
+    def snapshot_modules(self):
+        return [] if self.ema is None else [self.ema]
+
+    def checkpoint_extra(self):
+        return None if self.ema is None else {"ema": self.ema.state_dict()}
+
+    def load_extra(self, path: str) -> None:
+        if self.ema is None:
+            return
+        state = ckpt.load_extra(path, "ema")
+        if state is None:
+            raise UserError(f"checkpoint '{path}' holds no EMA weights (ema.safetensors) but "
+                            f"finetune.ema_decay={self.cfg.finetune.ema_decay}; resume with the ema_decay it was "
+                            f"trained with")
+        self.ema.load_state_dict(state)
+
+    def metrics(self, seconds: float) -> Dict:
+        cfg, fc = self.cfg, self.cfg.finetune
+        history = logs.read_jsonl(os.path.join(self.run_dir, "log.jsonl"))
+        final = history[-1]
+        protocol = dict(to_dict(fc), lr=self.lr, train_transform=repr(self.train_tf),
+                        eval_transform=repr(eval_transform(cfg.data)), schedule="linear warmup + cosine per step",
+                        test_subset=cfg.test_subset)
+        out = {"stage": "finetune", "top1": float(final["top1"]), "top5": float(final["top5"]),
+               "dataset": cfg.data.name, "split": cfg.data.test_split, "num_train": len(self.dataset),
+               "num_test": self.derived["test_images"], "checkpoint": self.info["checkpoint"],
+               "backbone": self.info["backbone"], "init": self.info["init"], "protocol": protocol,
+               "seconds": seconds, "epochs": fc.epochs, "best_top1": max(r["top1"] for r in history)}
+        if self.ema is not None:
+            out.update(ema_top1=float(final["ema_top1"]), ema_top5=float(final["ema_top5"]))
+        return out
+
+
 def run_finetune(cfg) -> Dict:
-    fc, oc = cfg.finetune, cfg.finetune.optim
+    """Fine-tune (or resume fine-tuning) the evaluated backbone; returns the metrics written to
+    <output>/finetune_metrics.json."""
     t0 = time.time()
     out_dir = finetune_folder(cfg)
     metrics_path = result_path(out_dir, "finetune")
-    resume_path = ckpt.resolve_resume(fc.resume, out_dir)
-    resuming = resume_path is not None
-    restart = logs.restarting(out_dir, fc.resume, resuming)  # killed before its first checkpoint: start again
-    if not resuming:
+    folder = resolve_run_folder(cfg.finetune.resume, out_dir, out_dir, cfg.overwrite, resume_key="finetune.resume")
+    if not folder.resuming:
         check_writable(metrics_path, cfg.overwrite)
-    logs.check_run_dir(out_dir, resuming or restart, cfg.overwrite, resume_key="finetune.resume")
     accelerator = make_accelerator(cfg, seed=cfg.seed, precision_key="mixed_precision")
     logs.setup_logging(accelerator.is_main_process)
     set_seed(cfg.seed)
-
-    world = accelerator.num_processes
-    if fc.batch_size % world:
-        raise UserError(f"finetune.batch_size={fc.batch_size} does not divide by the {world} processes")
-    per_device = fc.batch_size // world
-    use_mix = (fc.mixup > 0 or fc.cutmix > 0) and fc.mixup_prob > 0
-    if use_mix and per_device % 2:
-        raise UserError(f"Mixup / CutMix need an even batch per process, got {per_device}; change "
-                        f"finetune.batch_size or set finetune.mixup_prob=0")
-    mean, std = norm_stats(cfg.data)
-    train_tf = create_transform(cfg.data.image_size, is_training=True, auto_augment=fc.randaugment or None,
-                                mean=mean, std=std, interpolation="bicubic")
-    train_ds = build_dataset(cfg.data, cfg.data.train_split, train_tf, seed=cfg.seed)
-    test_ds = build_dataset(cfg.data, cfg.data.test_split, eval_transform(cfg.data), seed=cfg.seed,
-                            subset=cfg.test_subset)
-    num_classes = count_classes(train_ds, test_ds)
-    if len(train_ds) < fc.batch_size:
-        raise UserError(f"{len(train_ds)} training images are fewer than one batch of {fc.batch_size}; lower "
-                        f"finetune.batch_size")
-    model, info = build_finetune_model(cfg, num_classes)
-    family = model.ssl_bocb_spec["family"]
-    resolved = resolve(oc, "finetune.optim")
-    settings = StepSettings.from_cfg(oc, resolved.entry, cfg.mixed_precision, "finetune.optim", backbone=model)
-    lr = scaled_lr(resolved.base_lr, fc.batch_size, resolved.lr_scaling)
-    groups = finetune_param_groups(model, oc, resolved.weight_decay, fc.layer_decay, family)
-    optimizer = build_optimizer(groups, resolved, lr)
-    summary = group_summary(optimizer.param_groups)
-    optimizer_record = record(optimizer, resolved, lr)
-    train_loader = DataLoader(train_ds, batch_size=per_device, shuffle=True, drop_last=True,
-                              num_workers=cfg.data.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
-    test_loader = DataLoader(test_ds, batch_size=max(per_device, 64), shuffle=False, num_workers=cfg.data.num_workers)
-    ema = ModelEmaV3(model, decay=fc.ema_decay) if fc.ema_decay > 0 else None
-    model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
-    if ema is not None:  # checkpointed as ema.safetensors (not through Accelerate's pickled custom states)
-        ema.to(accelerator.device)
-    mixup = Mixup(mixup_alpha=fc.mixup, cutmix_alpha=fc.cutmix, prob=fc.mixup_prob,
-                  label_smoothing=fc.label_smoothing, num_classes=num_classes) if use_mix else None
-    soft_ce = SoftTargetCrossEntropy()
-
-    steps_per_epoch = len(train_loader)
-    total = fc.epochs * steps_per_epoch
-    warmup = int(round(fc.warmup_epochs * steps_per_epoch))
-    wd = resolved.weight_decay
-    wd_end = wd if oc.weight_decay_end is None else oc.weight_decay_end
-    derived = dict(lr=lr, world_size=world, per_device_batch=per_device, steps_per_epoch=steps_per_epoch,
-                   total_steps=total, warmup_steps=warmup, num_classes=num_classes, train_images=len(train_ds),
-                   test_images=len(test_ds), source=info,
-                   param_groups=summary, optimizer=optimizer_record)
-    step = 0
-    if resume_path:  # before anything is written: a checkpoint that does not fit fails cleanly
-        ckpt.check_same_optimizer(ckpt.read_meta(resume_path), derived, resume_path)
-        step = ckpt.load_checkpoint(accelerator, resume_path)["step"]
-        if ema is not None:
-            state = ckpt.load_extra(resume_path, "ema")
-            if state is None:
-                raise UserError(f"checkpoint '{resume_path}' holds no EMA weights (ema.safetensors) but "
-                                f"finetune.ema_decay={fc.ema_decay}; resume with the ema_decay it was trained with")
-            ema.load_state_dict(state)
-    if accelerator.is_main_process:
-        logs.claim_run_dir(out_dir, resuming or restart, cfg.overwrite)
-        if restart:
-            logs.clear_run_logs(out_dir)
-        save_config(cfg, os.path.join(out_dir, "config.yaml"), derived)
-    accelerator.wait_for_everyone()
-    logs.setup_logging(accelerator.is_main_process, os.path.join(out_dir, "train.log"))
-    log.info("fine-tune %s (%s) on %s: %d classes, %d train / %d test images", info["backbone"], info["init"],
-             cfg.data.name, num_classes, len(train_ds), len(test_ds))
-    log.info("optimizer %s lr %g (base %g), wd %g, options %s, %d epochs (%d warmup steps), layer decay %s",
-             resolved.entry.name, lr, resolved.base_lr, wd, optimizer_record["options"], fc.epochs, warmup,
-             fc.layer_decay if family == "vit" else "off (CNN)")
-
-    if resume_path:
-        log.info("resumed from %s at step %d", resume_path, step)
-    if accelerator.is_main_process:
-        logs.truncate_jsonl(os.path.join(out_dir, "log.jsonl"), step)
-    params = [p for p in model.parameters() if p.requires_grad]
-    unwrapped = accelerator.unwrap_model(model)
-    row = {}
-    for epoch in range(step // steps_per_epoch, fc.epochs):
-        skip = step - epoch * steps_per_epoch
-        batches = epoch_batches(accelerator, train_loader, train_ds, epoch, skip)
-        model.train()
-        bar = tqdm(total=steps_per_epoch * fc.batch_size, initial=skip * fc.batch_size, unit="img", unit_scale=True,
-                   desc=f"fine-tune {epoch + 1}/{fc.epochs}", disable=not accelerator.is_main_process,
-                   dynamic_ncols=True)
-        t_epoch, loss_sum, grad_sum, n = time.time(), 0.0, 0.0, 0
-        for x, y, _ in batches:
-            lr_t = schedules.warmup_cosine(step, total, warmup, lr, lr * oc.min_lr_ratio)
-            wd_t = schedules.cosine(step, total, wd, wd_end)
-            schedules.set_group_values(optimizer, lr_t, wd_t)
-            if mixup is not None:
-                x, y_soft = mixup(x, y)
-
-            def loss_fn():
-                with accelerator.autocast():
-                    logits = model(x).float()
-                if mixup is not None:
-                    return soft_ce(logits, y_soft)
-                return F.cross_entropy(logits, y, label_smoothing=fc.label_smoothing)
-            loss, grad_norm = train_step(model, optimizer, accelerator, params, loss_fn, settings)
-            step += 1
-            if ema is not None:
-                ema.update(unwrapped, step=step)
-            if not math.isfinite(loss.item()):
-                raise UserError(f"fine-tuning diverged (loss {loss.item()} at step {step}); lower "
-                                f"finetune.optim.base_lr or set finetune.optim.grad_clip")
-            loss_sum += loss.item()
-            grad_sum += float(grad_norm) if grad_norm is not None else float("nan")
-            n += 1
-            bar.update(fc.batch_size)
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr_t:.3g}", refresh=False)
-        bar.close()
-        seconds = time.time() - t_epoch
-        res = evaluate(model, test_loader, accelerator)
-        row = dict(epoch=epoch + 1, step=step, loss=loss_sum / max(n, 1), grad_norm=grad_sum / max(n, 1), lr=lr_t,
-                   wd=wd_t, top1=res["top1"],
-                   top5=res["top5"], images_per_s=n * fc.batch_size / max(seconds, 1e-9),
-                   peak_mem_mb=logs.peak_memory_mb(accelerator.device), seconds=seconds)
-        if ema is not None:
-            e = evaluate(ema.module, test_loader, accelerator)
-            row.update(ema_top1=e["top1"], ema_top5=e["top5"])
-        log.info("fine-tune epoch %d/%d  loss %.4f  top-1 %.2f  top-5 %.2f%s", epoch + 1, fc.epochs, row["loss"],
-                 row["top1"], row["top5"], f"  EMA top-1 {row['ema_top1']:.2f}" if ema is not None else "")
-        if accelerator.is_main_process:
-            logs.append_jsonl(os.path.join(out_dir, "log.jsonl"), row)
-        if (epoch + 1) % max(fc.save_every, 1) == 0 or epoch + 1 == fc.epochs:
-            ckpt.save_checkpoint(accelerator, out_dir, dict(step=step, epoch=epoch + 1, config=to_dict(cfg),
-                                                             derived=derived), keep=1,
-                                 extra=None if ema is None else {"ema": ema.state_dict()})
-    history = logs.read_jsonl(os.path.join(out_dir, "log.jsonl"))
-    final = history[-1] if history else row
-    protocol = dict(to_dict(fc), lr=lr, train_transform=repr(train_tf), eval_transform=repr(eval_transform(cfg.data)),
-                    schedule="linear warmup + cosine per step", test_subset=cfg.test_subset)
-    metrics = {"stage": "finetune", "top1": float(final["top1"]), "top5": float(final["top5"]),
-               "dataset": cfg.data.name, "split": cfg.data.test_split, "num_train": len(train_ds),
-               "num_test": len(test_ds), "checkpoint": info["checkpoint"], "backbone": info["backbone"],
-               "init": info["init"], "protocol": protocol, "seconds": time.time() - t0, "epochs": fc.epochs,
-               "best_top1": max(r["top1"] for r in history) if history else float(final["top1"])}
-    if ema is not None:
-        metrics.update(ema_top1=float(final["ema_top1"]), ema_top5=float(final["ema_top5"]))
+    task = FinetuneTask(cfg, accelerator, out_dir)
+    if folder.resuming:  # before anything is written: a checkpoint that does not fit fails cleanly
+        task.resume(folder.resume_path, folder.meta)
+    open_run_folder(accelerator, folder, cfg, task.derived)
+    loop = TrainLoop(task, task.loop_settings(), folder.meta)
+    log.info("fine-tune %s (%s) on %s: %d classes, %d train / %d test images", task.info["backbone"],
+             task.info["init"], cfg.data.name, task.derived["num_classes"], len(task.dataset),
+             task.derived["test_images"])
+    ls = loop.ls
+    log_optimizer(task.resolved, task.lr, cfg.finetune.batch_size, ls.weight_decay, ls.weight_decay_end,
+                  task.optimizer_record, task.groups, task.step_settings)
+    log.info("%d epochs (%d warmup steps), layer decay %s", cfg.finetune.epochs, ls.warmup_steps,
+             cfg.finetune.layer_decay if task.family == "vit" else "off (CNN)")
+    if folder.resuming:
+        log.info("resumed from %s at step %d", folder.resume_path, loop.step)
+    loop.run()
+    metrics = task.metrics(time.time() - t0)
     if accelerator.is_main_process:
         write_metrics(metrics_path, metrics, overwrite=True)  # checked before training started
-        log.info("wrote %s and %s", metrics_path, training_curves(out_dir))
-    accelerator.wait_for_everyone()
+        log.info("wrote %s", metrics_path)
+    loop.close()
     return metrics

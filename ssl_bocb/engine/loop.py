@@ -1,0 +1,439 @@
+"""The one training loop of the package: pretraining and fine-tuning are tasks plugged into it.
+
+The loop owns what every run needs: the lr / weight-decay schedules (and any value a task schedules), the step
+(``step.compute_gradients``: SAM, Sophia's Hessian pass, AGC and clipping), the non-finite guard in both host-read
+modes (``guard``), rollback to a sound checkpoint, per-layer gradient telemetry with spike and dip events,
+steps.jsonl / log.jsonl / TensorBoard / summary.json, the progress bar, checkpoints with exact resume, and Ctrl-C.
+
+A task (``Task``) gives it a prepared model, optimizer and loader, and says how a batch becomes a loss, what
+happens around an applied step (MoCo's momentum-encoder update; a fine-tune's EMA) and what runs at an epoch end
+(the kNN monitor; validation top-1). Outline of ``TrainLoop.run``:
+
+    while step < stop:            one epoch: _epoch()
+        for batch:                one step: _step() -> guard outcomes -> _handle() each (events, logs, rollback)
+        epoch end:                _end_epoch(): task.epoch_end(), log.jsonl, checkpoint
+    _finish()                     summary.json status, the last checkpoint of a stopped job
+"""
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import UserError
+from ..optim import schedules
+from . import checkpoint as ckpt
+from . import logs
+from .guard import Outcome, make_guard
+from .step import StepSettings, compute_gradients, resolve_host_reads
+from .telemetry import GradNorms, RunEvents, strict_json
+
+log = logging.getLogger(__name__)
+
+
+def epoch_batches(accelerator, loader, dataset, epoch: int, skip: int):
+    """The batches of ``epoch``, less the first ``skip`` already trained (resume). The sampler's order and every
+    image's augmentation are functions of the epoch, so a resumed epoch continues where it stopped."""
+    dataset.set_epoch(epoch)
+    loader.set_epoch(epoch)
+    return accelerator.skip_first_batches(loader, skip) if skip else loader
+
+
+def check_same_schedule(meta: dict, derived: dict, path: str) -> None:
+    """A resumed run must cut its epochs into the same global batches: the step counter, the schedules and the
+    epoch's remaining images are all read off it. (The number of processes may change; see the README.)"""
+    saved = meta.get("derived", {})
+    old = (saved.get("steps_per_epoch", meta.get("steps_per_epoch")), saved.get("total_steps"))
+    new = (derived["steps_per_epoch"], derived["total_steps"])
+    if old[0] is not None and old != new:
+        raise UserError(f"checkpoint '{path}' was trained with {old[0]} steps per epoch and {old[1]} steps in all, "
+                        f"this config gives {new[0]} and {new[1]}; resume with the train.batch_size, train.epochs and "
+                        f"data settings it was trained with, or start a new run")
+
+
+@dataclass
+class LoopSettings:
+    """What the loop needs from a task's config: the run's length, batch, schedules, logs and checkpoints."""
+    epochs: int
+    batch_size: int            # global, over all processes
+    lr: float                  # peak lr (after batch scaling)
+    warmup_steps: int
+    min_lr: float
+    weight_decay: float
+    weight_decay_end: float
+    log_every: int
+    save_every: int            # epochs between checkpoints (and at the end)
+    stability: object          # config.StabilityConfig
+    save_every_steps: int = 0
+    keep_checkpoints: int = 0
+    stop_at_step: int = 0
+    host_reads: str = "step"
+    desc: str = "epoch"        # the progress bar's and the epoch log line's label
+    optim_key: str = "optim"   # where the task's optimizer settings live, for messages
+    resume_key: str = "resume"
+
+
+class Task:
+    """What a training task plugs into the loop. Set the attributes, override the hooks that apply."""
+    model = optimizer = loader = dataset = accelerator = None
+    unwrapped = None           # the model without its DDP / compile wrapper
+    telemetry_model = None     # the module whose layers the gradient telemetry names (default: unwrapped)
+    step_settings: StepSettings = None
+    run_dir: str = ""
+    config: Dict = None        # the plain-dict config written into each checkpoint
+    derived: Dict = None
+    dip_metric: Optional[str] = None   # the epoch-end value watched for dips ("knn_top1"); None: none watched
+
+    def prepare(self, batch, epoch: int) -> Tuple[object, torch.Tensor]:
+        """(what loss_fn needs, per-sample count of unreadable images replaced)."""
+        raise NotImplementedError
+
+    def extra_schedule(self, step: int, total_steps: int) -> Dict[str, float]:
+        return {}
+
+    def before_forward(self, step: int, sched: Dict[str, float], previous_applied: bool) -> None:
+        pass
+
+    def loss_fn(self, inputs) -> Callable[[], torch.Tensor]:
+        raise NotImplementedError
+
+    def after_applied(self, step: int) -> None:
+        pass
+
+    def epoch_end(self, epoch: int, step: int) -> Dict:
+        """Values added to the epoch's log.jsonl row (the watched ``dip_metric`` among them)."""
+        return {}
+
+    def epoch_note(self, row: Dict) -> str:
+        return ""
+
+    def snapshot_modules(self) -> List[torch.nn.Module]:
+        """Modules copied with the model when host_reads=log undoes a window (an EMA)."""
+        return []
+
+    def checkpoint_extra(self) -> Optional[Dict[str, Dict[str, torch.Tensor]]]:
+        return None
+
+    def load_extra(self, path: str) -> None:
+        """Restore what checkpoint_extra saved (a rollback reads it back)."""
+
+
+class TrainLoop:
+    def __init__(self, task: Task, ls: LoopSettings, resume_meta: Optional[dict] = None):
+        self.task, self.ls = task, ls
+        self.acc, self.optimizer, self.run_dir = task.accelerator, task.optimizer, task.run_dir
+        self.world = self.acc.num_processes
+        self.steps_per_epoch = len(task.loader)
+        self.total_steps = ls.epochs * self.steps_per_epoch
+        self.stop_at = ls.stop_at_step or self.total_steps
+        self.params = [p for p in task.model.parameters() if p.requires_grad]
+        self.norms = GradNorms(task.telemetry_model or task.unwrapped, self.params)
+        st = ls.stability
+        self.events = RunEvents(self.norms.names, st.spike_factor, st.spike_window, st.spike_min_history,
+                                st.dip_drop, monitor=task.dip_metric is not None,
+                                dip_metric=task.dip_metric or "knn_top1")
+        self.guard = make_guard(resolve_host_reads(ls.host_reads, self.acc), task.unwrapped, self.optimizer,
+                                self.acc, task.snapshot_modules())
+        self.step, self.streak, self.first_bad, self.last_applied = 0, 0, 0, True
+        if resume_meta is not None:
+            self.step = resume_meta["step"]
+            if "events" in resume_meta:
+                self.events.load(resume_meta["events"])
+                self.streak = resume_meta.get("nonfinite_streak", 0)
+                self.last_applied = resume_meta.get("last_step_applied", True)
+                self.first_bad = resume_meta.get("nonfinite_streak_start", resume_meta["step"] - self.streak + 1)
+        self.sched: Dict[str, float] = {}
+        self.tb = None
+        self.progress = None
+
+    # --- the outline ---------------------------------------------------------------------------------------------
+    def run(self) -> str:
+        """Train to the end (or train.stop_at_step); returns the final status: finished or stopped."""
+        self._cut_logs(self.step)
+        self.tb = _TensorBoard(self.run_dir, self.acc.is_main_process)
+        self._log_guard()
+        self.write_summary("running")
+        self.guard.start()
+        try:
+            while self.step < self.stop_at:
+                epoch = self.step // self.steps_per_epoch
+                skip = self.step - epoch * self.steps_per_epoch
+                outcome, sums, t_epoch = self._epoch(epoch, skip)
+                if outcome == "rolled_back":
+                    continue
+                if outcome == "stopped":  # mid-epoch (train.stop_at_step)
+                    break
+                self._end_epoch(epoch, skip, sums, t_epoch)
+        except KeyboardInterrupt:
+            self._interrupted()
+            raise
+        return self._finish()
+
+    def _epoch(self, epoch: int, skip: int):
+        """One epoch's steps from ``skip``; returns (rolled_back | stopped | done, sums, start time)."""
+        t = self.task
+        batches = epoch_batches(self.acc, t.loader, t.dataset, epoch, skip)
+        t.model.train()
+        bs = self.ls.batch_size
+        self.progress = tqdm(total=self.steps_per_epoch * bs, initial=skip * bs, unit="img", unit_scale=True,
+                             desc=f"{self.ls.desc} {epoch + 1}/{self.ls.epochs}",
+                             disable=not self.acc.is_main_process, dynamic_ncols=True)
+        self.sums = dict(loss=0.0, grad_norm=0.0, n=0)
+        self.skipped = torch.zeros((), device=self.acc.device)
+        t_epoch = self.t_log = time.time()
+        self.last_logged = self.step
+        result = "done"
+        try:
+            for batch in batches:
+                outcomes = self._step(batch, epoch)
+                if outcomes is None:
+                    continue
+                # any() stops at an outcome that rolled back: the ones after it belong to the undone steps
+                rolled_back = any(self._handle(o, epoch) for o in outcomes)
+                self.guard.end_window(rolled_back)
+                if rolled_back:
+                    result = "rolled_back"
+                    break
+                if self.ls.save_every_steps and self.step % self.ls.save_every_steps == 0:
+                    self.save(False)
+                if self.step >= self.stop_at:
+                    break
+        finally:
+            self.progress.close()
+        if result == "done" and self.step != (epoch + 1) * self.steps_per_epoch:
+            result = "stopped"
+        return result, self.sums, t_epoch
+
+    # --- one step --------------------------------------------------------------------------------------------------
+    def schedule(self, step: int) -> Dict[str, float]:
+        ls = self.ls
+        lr_t = self.events.lr_scale * schedules.warmup_cosine(step, self.total_steps, ls.warmup_steps, ls.lr,
+                                                              ls.min_lr)
+        wd_t = schedules.cosine(step, self.total_steps, ls.weight_decay, ls.weight_decay_end)
+        return dict(lr=lr_t, wd=wd_t, **self.task.extra_schedule(step, self.total_steps))
+
+    def _read_point(self) -> bool:
+        s, ls = self.step, self.ls
+        return (s % ls.log_every == 0 or s >= self.stop_at or s % self.steps_per_epoch == 0
+                or bool(ls.save_every_steps and s % ls.save_every_steps == 0))
+
+    def _step(self, batch, epoch: int) -> Optional[List[Outcome]]:
+        t = self.task
+        inputs, n_bad = t.prepare(batch, epoch)
+        self.sched = sched = self.schedule(self.step)
+        schedules.set_group_values(self.optimizer, sched["lr"], sched["wd"])
+        t.before_forward(self.step, sched, self.last_applied)
+        self.guard.before_step()
+        loss, gvec = compute_gradients(t.model, self.optimizer, self.acc, self.params, t.loss_fn(inputs),
+                                       t.step_settings, self.norms)
+        if self.world > 1:  # every process must take the same decision: a non-finite loss anywhere counts
+            loss = self.acc.reduce(loss, "mean")
+        vec = torch.cat([loss.float().view(1), gvec.float()])
+        self.step += 1
+        self.skipped += n_bad.sum()
+        self.progress.update(self.ls.batch_size)
+        if self.guard.deferred:
+            self.last_applied = True
+        return self.guard.submit(self.step, vec, sched, self._read_point(), t.after_applied)
+
+    def _handle(self, o: Outcome, epoch: int) -> bool:
+        """One step's outcome: events, counts and the step log; True when it rolled the run back."""
+        loss_v, gn, layer_v = o.values[0], o.values[1], o.values[2:]
+        if o.status == "ignored":
+            return False
+        if o.status == "nonfinite":
+            self.streak += 1
+            self.first_bad = o.step if self.streak == 1 else self.first_bad
+            self.last_applied = self.guard.deferred  # a deferred window is restored to its start, EMA included
+            self.events.nonfinite(o.step, loss_v, gn)
+            log.warning("step %d: non-finite loss %s / gradient norm %s; step %s (%d in a row)", o.step, loss_v, gn,
+                        "undone" if self.guard.deferred else "skipped", self.streak)
+            if self.streak >= self.ls.stability.nonfinite_patience:
+                self._roll_back(o.step)
+                return True
+            return False
+        if o.status == "overflow":
+            self.events.overflow()
+            self.last_applied = False
+            return False
+        self.streak = 0
+        if o.status == "undone":  # finite, but in a window whose update was undone
+            return False
+        for ev in self.events.observe(o.step, loss_v, gn, layer_v):
+            log.warning("step %d: %s", o.step, describe(ev))
+        self.sums["loss"] += loss_v
+        self.sums["grad_norm"] += gn
+        self.sums["n"] += 1
+        self.progress.set_postfix(loss=f"{loss_v:.4f}", lr=f"{o.sched['lr']:.3g}", refresh=False)
+        if o.step % self.ls.log_every == 0 or o.step == self.stop_at:
+            self._log_step(o, epoch)
+        return False
+
+    def _log_step(self, o: Outcome, epoch: int) -> None:
+        now = time.time()
+        row = dict(step=o.step, epoch=epoch, loss=o.values[0], **o.sched, grad_norm=o.values[1],
+                   images_per_s=(o.step - self.last_logged) * self.ls.batch_size / max(now - self.t_log, 1e-9),
+                   peak_mem_mb=logs.peak_memory_mb(self.acc.device),
+                   layer_grad_norm=dict(zip(self.norms.names, o.values[2:])))
+        self.t_log, self.last_logged = now, o.step
+        if self.acc.is_main_process:
+            logs.append_jsonl(os.path.join(self.run_dir, "steps.jsonl"), row)
+            self.tb.scalars("train", row, o.step)
+
+    # --- epoch end, checkpoints, summary ---------------------------------------------------------------------------
+    def _end_epoch(self, epoch: int, skip: int, sums: Dict, t_epoch: float) -> None:
+        seconds = time.time() - t_epoch
+        n_skipped = int(self.acc.reduce(self.skipped, "sum").item())
+        n, bs, counts = sums["n"], self.ls.batch_size, self.events.counts
+        row = dict(epoch=epoch + 1, step=self.step, loss=sums["loss"] / n if n else None,
+                   grad_norm=sums["grad_norm"] / n if n else None, **self.sched,
+                   images_per_s=(self.steps_per_epoch - skip) * bs / max(seconds, 1e-9),
+                   peak_mem_mb=logs.peak_memory_mb(self.acc.device), skipped_images=n_skipped, seconds=seconds,
+                   **{k: counts[k] for k in ("grad_spikes", "nonfinite_steps", "rollbacks")})
+        row.update(self.task.epoch_end(epoch, self.step))
+        metric = self.task.dip_metric
+        if metric is not None and row.get(metric) is not None:
+            for ev in self.events.observe_dip(self.step, epoch + 1, row[metric]):
+                log.warning("epoch %d: %s", epoch + 1, describe(ev))
+            row[self.events.dip_key] = counts[self.events.dip_key]
+        if n_skipped:
+            log.warning("epoch %d: skipped %d unreadable images (see the warnings above)", epoch + 1, n_skipped)
+        log.info("%s %d/%d  loss %s  lr %.3g%s  %.1f img/s  peak mem %.0f MB%s", self.ls.desc, epoch + 1,
+                 self.ls.epochs, "-" if row["loss"] is None else f"{row['loss']:.4f}", row["lr"],
+                 f"  m {row['momentum']:.4f}" if "momentum" in row else "", row["images_per_s"], row["peak_mem_mb"],
+                 self.task.epoch_note(row))
+        if self.acc.is_main_process:
+            logs.append_jsonl(os.path.join(self.run_dir, "log.jsonl"), row)
+            self.tb.scalars("epoch", row, self.step)
+        if (epoch + 1) % max(self.ls.save_every, 1) == 0 or epoch + 1 == self.ls.epochs:
+            self.save(True)
+
+    def meta(self, epoch_done: bool) -> Dict:
+        return dict(step=self.step, epoch=self.step // self.steps_per_epoch, epochs_done=epoch_done,
+                    steps_per_epoch=self.steps_per_epoch, config=self.task.config, derived=self.task.derived,
+                    events=strict_json(self.events.state()), nonfinite_streak=self.streak,
+                    nonfinite_streak_start=self.first_bad, last_step_applied=self.last_applied)
+
+    def write_summary(self, status: str, **extra) -> None:
+        if self.acc.is_main_process:
+            logs.write_json(os.path.join(self.run_dir, "summary.json"),
+                            self.events.summary(status, self.step, self.total_steps,
+                                                dict(world_size=self.world, **extra)))
+
+    def save(self, epoch_done: bool) -> str:
+        path = ckpt.save_checkpoint(self.acc, self.run_dir, self.meta(epoch_done), self.ls.keep_checkpoints,
+                                    extra=self.task.checkpoint_extra())
+        self.write_summary("running", checkpoint=os.path.basename(path))
+        return path
+
+    def _cut_logs(self, step: int) -> None:
+        """log.jsonl and steps.jsonl cut back to ``step``: the logs never hold steps a resumed run repeats."""
+        if self.acc.is_main_process:
+            for f in ("log.jsonl", "steps.jsonl"):
+                logs.truncate_jsonl(os.path.join(self.run_dir, f), step)
+
+    def _roll_back(self, at_step: int) -> None:
+        """After ``streak`` non-finite steps in a row, the first at ``first_bad``: back to the newest sound
+        checkpoint written before them, with the lr lowered for the rest of the run; or stop with one line when the
+        rollbacks are spent or there is no such checkpoint."""
+        st, n = self.ls.stability, self.events.counts["rollbacks"]
+        if n >= st.max_rollbacks:
+            self.write_summary("diverged")
+            raise UserError(f"training diverged: {self.streak} non-finite steps in a row at step {at_step}, after {n} "
+                            f"rollbacks (lr x{self.events.lr_scale:g}); lower {self.ls.optim_key}.base_lr, set "
+                            f"{self.ls.optim_key}.grad_clip, or raise stability.max_rollbacks (checkpoints and summary.json are kept)")
+        good = ckpt.newest_sound_checkpoint(self.run_dir, before_step=self.first_bad)
+        if good is None:
+            self.write_summary("diverged")
+            raise UserError(f"training diverged: {self.streak} non-finite steps in a row at step {at_step}, before "
+                            f"any checkpoint to roll back to; lower {self.ls.optim_key}.base_lr, set "
+                            f"{self.ls.optim_key}.grad_clip, or checkpoint more often so that a rollback has a "
+                            f"checkpoint to return to")
+        back = ckpt.load_checkpoint(self.acc, good)
+        self.task.load_extra(good)
+        self.events.rollback(at_step, back["step"], os.path.basename(good), st.rollback_lr_factor)
+        log.warning("rolled back from step %d to %s after %d non-finite steps in a row; lr x%g from here on "
+                    "(rollback %d of at most %d)", at_step, good, self.streak, self.events.lr_scale, n + 1,
+                    st.max_rollbacks)
+        self._cut_logs(back["step"])
+        self.write_summary("running")
+        self.step, self.streak, self.last_applied = back["step"], 0, back.get("last_step_applied", True)
+
+    def _interrupted(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+        if self.world == 1 and self.step > 0:
+            path = self.save(False)
+            log.warning("interrupted at step %d; saved %s (continue with %s=auto output_dir=%s)", self.step, path,
+                        self.ls.resume_key, self.run_dir)
+        self.write_summary("interrupted")
+
+    def _finish(self) -> str:
+        if self.step < self.total_steps:
+            latest = ckpt.latest_checkpoint(self.run_dir)
+            if latest is None or ckpt.read_meta(latest)["step"] != self.step:
+                self.save(False)
+            status = "stopped"
+            log.info("stopped at step %d of %d (train.stop_at_step); continue with %s=auto output_dir=%s", self.step,
+                     self.total_steps, self.ls.resume_key, self.run_dir)
+        else:
+            status = "finished"
+        self.write_summary(status)
+        c = self.events.counts
+        if c["grad_spikes"] or c["nonfinite_steps"] or c.get(self.events.dip_key):
+            log.info("instability: %s (summary.json)", ", ".join(f"{k} {v}" for k, v in c.items()))
+        return status
+
+    def close(self) -> None:
+        """The curves figure, then every process done; call after the task's own end-of-run work."""
+        if self.acc.is_main_process:
+            from ..analysis.plots import training_curves
+            log.info("curves: %s", training_curves(self.run_dir))
+        self.acc.wait_for_everyone()
+        if self.tb is not None:
+            self.tb.close()
+
+    def _log_guard(self) -> None:
+        st, ev = self.ls.stability, self.events
+        log.info("non-finite guard: skip such steps, roll back after %d in a row (lr x%g, at most %d times); spikes: "
+                 "> %g x the median of the previous %d steps; %s dips: > %g points below the best%s",
+                 st.nonfinite_patience, st.rollback_lr_factor, st.max_rollbacks, st.spike_factor, st.spike_window,
+                 ev.dip_metric, st.dip_drop, f"; lr x{ev.lr_scale:g} after {ev.counts['rollbacks']} rollbacks"
+                 if ev.counts["rollbacks"] else "")
+
+
+def describe(ev: dict) -> str:
+    if ev["kind"] == "grad_spike":
+        return (f"gradient-norm spike {ev['grad_norm']:.3g} (median {ev['median']:.3g}), first in "
+                f"{ev['first_layer']}")
+    if ev["kind"] == "loss_spike":
+        return f"loss spike {ev['loss']:.4g} (median {ev['median']:.4g})"
+    return f"{ev['metric']} dip to {ev['value']:.2f} (best so far {ev['best']:.2f})"
+
+
+class _TensorBoard:
+    """TensorBoard scalars written by the main process (torch.utils.tensorboard)."""
+
+    def __init__(self, run_dir: str, enabled: bool):
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(os.path.join(run_dir, "tb"))
+
+    def scalars(self, prefix: str, row: dict, step: int):
+        if self.writer is None:
+            return
+        for k, v in row.items():
+            if k not in ("step", "epoch") and isinstance(v, (int, float)):
+                self.writer.add_scalar(f"{prefix}/{k}", v, step)
+            elif isinstance(v, dict):  # per-layer values: one chart per layer under <prefix>/<key>/
+                for kk, vv in v.items():
+                    self.writer.add_scalar(f"{prefix}/{k}/{kk}", vv, step)
+        self.writer.flush()
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
