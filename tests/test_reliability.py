@@ -352,3 +352,79 @@ def test_resuming_on_another_number_of_processes_continues_the_epochs_images_exa
         seen = sum(done + rest, [])
         assert sorted(seen) == list(range(64))  # every image once: none repeated, none skipped
         assert done + rest == _indices(before, 0, epoch)  # and the same batches as the uninterrupted run
+
+
+@pytest.fixture
+def diverge_after(monkeypatch):
+    """diverge_after(k): a state-dependent divergence. The loss turns NaN once the weights have taken k optimizer
+    updates (AdamW's step count), so every restore to an earlier state is followed by a few finite steps and then
+    the same blow-up again, whatever the batch."""
+    def install(k):
+        task_cls = PRETRAIN_MODULE.PretrainTask
+        original = task_cls.loss_fn
+
+        def loss_fn(self, inputs):
+            fn = original(self, inputs)
+            state = self.optimizer.optimizer.state
+            updates = int(next(iter(state.values()))["step"]) if state else 0
+
+            def poisoned():
+                loss = fn()
+                return loss * float("nan") if updates >= k else loss
+            return poisoned
+        monkeypatch.setattr(task_cls, "loss_fn", loss_fn)
+    return install
+
+
+@pytest.mark.parametrize("host_reads", ["step", "log"])
+def test_a_state_dependent_divergence_rolls_back_the_same_way_in_both_host_read_modes(tmp_path, diverge_after,
+                                                                                         host_reads):
+    """NaN from the 11th update on. step mode: steps 11-13 skipped, back to the checkpoint of step 8. log mode (windows
+    of 4 steps): each window replays 2 finite steps from the state after step 8, then the NaN; the undone windows
+    count toward the patience, so after 3 of them the run goes back to the same checkpoint, with the same lr cut,
+    although the checkpoints written during the streak (steps 12, 16) would have rotated it out (keep 2)."""
+    diverge_after(10)
+    out = tmp_path / host_reads
+    with pytest.raises(UserError, match=r"training diverged: 3 non-finite steps in a row at step \d+, after 2 "
+                                        r"rollbacks \(lr x0.25\)"):
+        run(out, f"train.host_reads={host_reads}", "train.log_every=4", "train.save_every_steps=4", "train.epochs=6",
+            "stability.nonfinite_patience=3", "stability.rollback_lr_factor=0.5", "stability.max_rollbacks=2")
+    s = summary(out)
+    assert s["status"] == "diverged" and s["events"]["rollbacks"] == 2
+    assert [(r["to_step"], r["checkpoint"], r["lr_scale"]) for r in s["rollbacks_list"]] == [
+        (8, "step-00000008", 0.5), (8, "step-00000008", 0.25)]
+    assert s["events"]["nonfinite_steps"] == 9  # 3 per attempt, each from the state after step 8
+    assert os.path.isdir(out / "checkpoints" / "step-00000008")
+
+
+def test_an_interrupt_in_log_mode_checks_the_pending_steps_before_saving(tmp_path, nan_at, full, monkeypatch):
+    """Ctrl-C during step 7 with steps 5 (NaN) and 6 pending since the read point at 4: the window is judged and
+    undone before the checkpoint is written, so the checkpoint at step 6 holds the sound state after step 4."""
+    nan_at({5})
+    task_cls = PRETRAIN_MODULE.PretrainTask
+    original, calls = task_cls.loss_fn, [0]
+
+    def loss_fn(self, inputs):
+        calls[0] += 1
+        if calls[0] == 7:
+            raise KeyboardInterrupt
+        return original(self, inputs)
+    monkeypatch.setattr(task_cls, "loss_fn", loss_fn)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "ctrlc", "train.host_reads=log", "train.log_every=4")
+    saved = ckpt.latest_checkpoint(tmp_path / "ctrlc")
+    assert os.path.basename(saved) == "step-00000006"
+    w0 = _state(os.path.join(full, "checkpoints", "step-00000004"), "model.safetensors")
+    w1 = _state(saved, "model.safetensors")
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    s = summary(tmp_path / "ctrlc")
+    assert s["status"] == "interrupted" and s["events"]["nonfinite_steps"] == 1
+
+
+def test_the_momentum_encoder_moves_again_after_a_skipped_step(tmp_path, nan_at):
+    nan_at({3})
+    out = run(tmp_path / "m", "train.stop_at_step=5", "train.save_every_steps=4", "train.keep_checkpoints=0")
+    w4 = _state(os.path.join(out, "checkpoints", "step-00000004"), "model.safetensors")
+    w5 = _state(os.path.join(out, "checkpoints", "step-00000005"), "model.safetensors")
+    moving = [k for k in w4 if k.startswith("momentum_") and "running_" not in k and w4[k].is_floating_point()]
+    assert moving and any(not torch.equal(w4[k], w5[k]) for k in moving)

@@ -176,9 +176,10 @@ def _fsync_dir(path: str) -> None:
 
 
 def save_checkpoint(accelerator, run_dir: str, meta: dict, keep: int = 0,
-                    extra: Optional[Dict[str, Dict[str, torch.Tensor]]] = None) -> str:
+                    extra: Optional[Dict[str, Dict[str, torch.Tensor]]] = None, protect: Optional[str] = None) -> str:
     """Save the full training state at ``meta['step']``; every process must call this. ``extra`` maps a name to a
-    state dict of tensors saved as ``<name>.safetensors`` beside Accelerate's files (load with load_extra)."""
+    state dict of tensors saved as ``<name>.safetensors`` beside Accelerate's files (load with load_extra). Of the
+    older checkpoints, the newest ``keep`` are kept (0: all), and ``protect`` (a rollback target) in any case."""
     path = os.path.join(checkpoint_dir(run_dir), f"step-{meta['step']:08d}")
     tmp = path + ".tmp"
     if accelerator.is_main_process:
@@ -204,7 +205,8 @@ def save_checkpoint(accelerator, run_dir: str, meta: dict, keep: int = 0,
         _fsync_dir(checkpoint_dir(run_dir))
         if keep > 0:
             for old in list_checkpoints(run_dir)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+                if protect is None or os.path.abspath(old) != os.path.abspath(protect):
+                    shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return path
 

@@ -259,9 +259,9 @@ class TrainLoop:
             self.events.overflow()
             self.last_applied = False
             return False
-        self.streak = 0
-        if o.status == "undone":  # finite, but in a window whose update was undone
+        if o.status == "undone":  # finite, but in a window that was undone: the state did not move, the streak goes on
             return False
+        self.streak, self.last_applied = 0, True
         for ev in self.events.observe(o.step, loss_v, gn, layer_v):
             log.warning("step %d: %s", o.step, describe(ev))
         self.sums["loss"] += loss_v
@@ -324,8 +324,10 @@ class TrainLoop:
                                                 dict(world_size=self.world, **extra)))
 
     def save(self, epoch_done: bool) -> str:
+        # during a streak of non-finite steps the checkpoint a rollback would return to is kept from the rotation
+        protect = (ckpt.newest_sound_checkpoint(self.run_dir, before_step=self.first_bad) if self.streak else None)
         path = ckpt.save_checkpoint(self.acc, self.run_dir, self.meta(epoch_done), self.ls.keep_checkpoints,
-                                    extra=self.task.checkpoint_extra())
+                                    extra=self.task.checkpoint_extra(), protect=protect)
         self.write_summary("running", checkpoint=os.path.basename(path))
         return path
 
@@ -348,10 +350,13 @@ class TrainLoop:
         good = ckpt.newest_sound_checkpoint(self.run_dir, before_step=self.first_bad)
         if good is None:
             self.write_summary("diverged")
-            raise UserError(f"training diverged: {self.streak} non-finite steps in a row at step {at_step}, before "
-                            f"any checkpoint to roll back to; lower {self.ls.optim_key}.base_lr, set "
-                            f"{self.ls.optim_key}.grad_clip, or checkpoint more often so that a rollback has a "
-                            f"checkpoint to return to")
+            later = ckpt.latest_checkpoint(self.run_dir)
+            where = ("before any checkpoint to roll back to" if later is None else
+                     f"and no sound checkpoint was written before the divergence began at step {self.first_bad} "
+                     f"(the newest, {os.path.basename(later)}, is from after it)")
+            raise UserError(f"training diverged: {self.streak} non-finite steps in a row at step {at_step}, {where}; "
+                            f"lower {self.ls.optim_key}.base_lr, set {self.ls.optim_key}.grad_clip, or checkpoint "
+                            f"more often so that a rollback has a checkpoint to return to")
         back = ckpt.load_checkpoint(self.acc, good)
         self.task.load_extra(good)
         self.events.rollback(at_step, back["step"], os.path.basename(good), st.rollback_lr_factor)
@@ -365,6 +370,12 @@ class TrainLoop:
     def _interrupted(self) -> None:
         if self.progress is not None:
             self.progress.close()
+        # host_reads=log: the steps since the last read point are checked before anything is saved; a window with a
+        # non-finite step is undone as at a read point, so a checkpoint never holds unchecked steps
+        pending = self.guard.flush()
+        if pending:
+            epoch = (self.step - 1) // self.steps_per_epoch
+            self.guard.end_window(any(self._handle(o, epoch) for o in pending))
         if self.world == 1 and self.step > 0:
             path = self.save(False)
             log.warning("interrupted at step %d; saved %s (continue with %s=auto output_dir=%s)", self.step, path,
