@@ -185,3 +185,28 @@ def test_finetune_trains_the_position_embedding_unless_told_not_to():
     assert model.pos_embed.requires_grad
     model, _ = build_finetune_model(config.load(E, [], vit + ["finetune.train_pos_embed=false"]), 4)
     assert not model.pos_embed.requires_grad and model.head.out_features == 4
+
+
+def test_finetune_skips_a_non_finite_step_and_records_it(tmp_path, monkeypatch):
+    """Fine-tuning runs in the same loop as pretraining: a NaN loss is skipped (it used to stop the run), counted in
+    summary.json, and the EMA takes no update from it; steps.jsonl has per-layer gradient norms."""
+    from ssl_bocb.eval import finetune as ft_mod
+    original, calls = ft_mod.FinetuneTask.loss_fn, [0]
+
+    def loss_fn(self, inputs):
+        fn = original(self, inputs)
+        calls[0] += 1
+        return (lambda: fn() * float("nan")) if calls[0] == 3 else fn
+    monkeypatch.setattr(ft_mod.FinetuneTask, "loss_fn", loss_fn)
+    out = tmp_path / "ft"
+    m = run_finetune(config.load(E, [], FAKE + [f"output_dir={out}", "finetune.epochs=2", "finetune.batch_size=16",
+                                                "finetune.mixup_prob=0", "finetune.randaugment=",
+                                                "finetune.ema_decay=0.9", "finetune.log_every=1"]))
+    validate(m)
+    s = json.load(open(out / "summary.json"))
+    assert s["status"] == "finished" and s["events"]["nonfinite_steps"] == 1 and s["nonfinite_steps_list"][0]["step"] == 3
+    steps = [json.loads(line) for line in open(out / "steps.jsonl")]
+    assert [r["step"] for r in steps] == [1, 2, 4, 5, 6, 7, 8]
+    assert {"first_layer", "stem", "layer1.0", "head"} <= set(steps[0]["layer_grad_norm"])
+    rows = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert rows[0]["nonfinite_steps"] == 1 and "top1_dips" in rows[-1]

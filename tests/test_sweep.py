@@ -277,3 +277,29 @@ def test_cell_job_checkpoint_stops_the_stage_and_requeues_the_same_cell(tmp_path
     assert proc.poll() is not None  # the running stage was stopped
     assert isinstance(delayed, submitit.helpers.DelayedSubmission) and delayed.args == ("sgd__s0",)
     assert isinstance(delayed.function, CellJob) and delayed.function.sweep_path == job.sweep_path
+
+
+def test_collect_and_report_read_the_fine_tunes_stability(tmp_path):
+    """A cell with a fine-tune stage: its summary.json (the same training loop as pretraining) gives the finetune_*
+    event columns of results.csv and the report's fine-tuning stability table."""
+    path = write_sweep(tmp_path, name="ft", axes={"optimizer": {"key": "optim.name", "values": ["adamw"]}},
+                       stages={"finetune": {"overrides": ["test_subset=4", "finetune.epochs=2",
+                                                          "finetune.batch_size=16", "finetune.mixup_prob=0",
+                                                          "finetune.randaugment=", "finetune.log_every=1"]}})
+    proc = sweep_cli("run", path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (cell,) = plan(path).cells
+    ft = os.path.join(cell.folder, "finetune")
+    summary = json.load(open(os.path.join(ft, "summary.json")))
+    assert summary["status"] == "finished" and "top1_dips" in summary["events"]
+    steps = [json.loads(line) for line in open(os.path.join(ft, "steps.jsonl"))]
+    assert len(steps) == 8 and {"first_layer", "block0", "block1", "head"} <= set(steps[0]["layer_grad_norm"])
+    with open(os.path.join(plan(path).output_dir, "results.csv")) as f:
+        (row,) = list(csv.DictReader(f))
+    for key in ("grad_spikes", "top1_dips", "nonfinite_steps", "rollbacks"):
+        assert row[f"finetune_{key}"] == str(summary["events"][key])
+    from ssl_bocb.analysis.report import analyze
+    paths = analyze(plan(path).output_dir, str(tmp_path / "report"), progress=False)
+    md = open(paths["md"]).read()
+    assert "### Fine-tuning" in md and "top-1 dips" in md
+    assert cell.name in json.load(open(paths["json"]))["finetune_stability"]

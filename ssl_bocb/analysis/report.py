@@ -475,8 +475,9 @@ def _per_pair(rows: List[Dict], value) -> "OrderedDict[Tuple[str, str], List[flo
 
 
 def analyze(source_path: str, out_dir: str, opts: Options = Options(), progress: bool = True) -> Dict[str, str]:
-    """Write report.md, report.html, bocb.json and the figures of ``source_path`` into ``out_dir``."""
-    from tqdm import tqdm
+    """Write report.md, report.html, bocb.json and the figures of ``source_path`` into ``out_dir``: the study table
+    and its bad pairings, hyper-parameter robustness, then (for rows with run folders) cost, stability, compute,
+    weight diagnostics and sharpness, each section from its own function."""
     t0 = time.time()
     src = load_source(source_path, opts.metric)
     if opts.rule not in ("eq1", "iqr"):
@@ -495,190 +496,254 @@ def analyze(source_path: str, out_dir: str, opts: Options = Options(), progress:
           + (f", {src.skipped} without a score left out" if src.skipped else "") + f"). Metric: `{src.metric}`"
           + (f" (also available: {', '.join(m for m in src.metrics if m != src.metric)})"
              if len(src.metrics) > 1 else "") + ".")
-
     scored = [r for r in src.rows if r.get("score") is not None]
-    study = None
     if scored:
-        study = bocb.analyze_study(scored, opts.rule, threshold, opts.ci, opts.level)
-        result["study"] = study.to_json()
-        seeds = sorted({str(r["seed"]) for r in scored})
-        ci_text = ("Student t interval, mean ± t(0.975, n-1) · s / √n" if opts.ci == "t"
-                   else "percentile bootstrap of the mean (10,000 resamples, seed 0)")
-        doc.h(2, "Study table")
-        doc.p(f"Mean over seeds ({', '.join(seeds)}) ± half-width of the {opts.level:.0%} confidence interval "
-              f"({ci_text}; none with one seed). Bad-pairing rule that ran: {study.rule.describe()}. "
-              f"Flagged cells are marked **bad**." + (" Where a pair was run on an lr / wd grid, its result is "
-                                                       "its best grid point." if any(r.get("lr") or r.get("wd")
-                                                                                     for r in scored) else ""))
-        doc.table(["backbone"] + study.optimizers,
-                  [[b] + [_mean_ci(study.cells[(b, o)]) if (b, o) in study.cells else "-" for o in study.optimizers]
-                   for b in study.backbones])
-        doc.img(fig_heatmap(study, src.metric, os.path.join(fig_dir, "heatmap.png")),
-                f"{src.metric} per backbone and optimizer (mean ± CI half-width; red boxes: bad pairings)")
-        doc.h(2, "Per backbone (over its optimizers, worst result removed)")
-        doc.table(["backbone", "optimizers", "best", "worst (optimizer)", "mean", "std", "range", "bad pairings"],
-                  [[s.name, s.n, s.best, f"{s.worst:.2f} ({s.worst_of})", s.mean, s.std, s.range, s.flagged]
-                   for s in study.per_backbone])
-        doc.h(2, "Per optimizer: generality across backbones (worst result removed)")
-        fam = {r["optimizer"]: r["family"] for r in scored}
-        doc.table(["optimizer", "family", "backbones", "best", "worst (backbone)", "mean", "std", "range",
-                   "bad pairings"],
-                  [[s.name, family_name(fam.get(s.name, "?")), s.n, s.best,
-                    f"{s.worst:.2f} ({s.worst_of})", s.mean, s.std, s.range, s.flagged] for s in study.per_optimizer])
-        families = list(OrderedDict.fromkeys(sorted(fam.get(o, "?") for o in study.optimizers)))
-        fam_rows = []
-        for b in study.backbones:
-            row = [b]
-            for f in families:
-                vals = [c.mean for (bb, o), c in study.cells.items() if bb == b and fam.get(o, "?") == f]
-                row.append(float(np.mean(vals)) if vals else None)
-            fam_rows.append(row)
-        doc.h(2, "By optimizer family (BOCB Sec. 3.2)")
-        doc.table(["backbone"] + [family_name(f) for f in families], fam_rows)
-        result["families"] = {o: fam.get(o, "?") for o in study.optimizers}
-        doc.img(fig_spread(study, src.metric, os.path.join(fig_dir, "spread.png")),
-                "spread of the results: per backbone over optimizers, per optimizer over backbones")
-
-    # hyper-parameter robustness
+        _study_section(doc, result, scored, src.metric, opts, threshold, fig_dir)
     with_hp = [r for r in src.rows if r.get("lr") or r.get("wd")]
     if with_hp:
-        best = bocb.best_settings(with_hp)
-        robust = OrderedDict((reading, bocb.hp_robustness(best, reading)) for reading in ("backbone", "optimizer"))
-        result["hp_robustness"] = {k: dict(modes=v.modes, distances=[dict(backbone=b, optimizer=o, distance=d,
-                                                                          lr=best[(b, o)][0], wd=best[(b, o)][1])
-                                                                     for (b, o), d in v.distances.items()])
-                                   for k, v in robust.items()}
-        doc.h(2, "Hyper-parameter robustness (BOCB Sec. 3.1 / A.3)")
-        doc.p("Each pair's best lr and wd, one-hot encoded over its grid; the cost is the Manhattan distance to the "
-              "mode (lr and wd summed: 0, 2 or 4). Two readings of the mode: per backbone across its optimizers "
-              "(paper A.3) and per optimizer across backbones. lr and wd take their modes separately; a tie goes "
-              "to the value met first in the table.")
-        for reading, r in robust.items():
-            by = "backbone" if reading == "backbone" else "optimizer"
-            groups = r.per_group(by)
-            doc.table([by, "mode lr", "mode wd", "pairs", "mean distance", "pairs at 0", "pairs at 4"],
-                      [[g, r.modes[g][0], r.modes[g][1], len(d), float(np.mean(d)), sum(x == 0 for x in d),
-                        sum(x == 4 for x in d)] for g, d in groups.items()])
-        doc.img(fig_robustness(robust, os.path.join(fig_dir, "hp_robustness.png")),
-                "one-hot distance of each pair's best (lr, wd) to the mode, both readings")
-
-    # per-run measurements
+        _hp_section(doc, result, with_hp, fig_dir)
     folders = [r for r in src.rows if r.get("folder") and os.path.isdir(r["folder"])]
-    weights: Dict[str, List[Dict]] = OrderedDict()
-    events, opt_mb, seen, sharp, flops = OrderedDict(), OrderedDict(), OrderedDict(), OrderedDict(), OrderedDict()
     if folders:
-        from .stability import run_events
-        cache_dir = os.path.join(out_dir, "cache")
-        bar = tqdm(folders, desc="run folders", unit="run", disable=not progress)
-        for r in bar:
-            bar.set_postfix_str(os.path.basename(r["folder"])[:40])
-            key = r.get("cell") or os.path.basename(r["folder"])
-            events[key] = run_events(r["folder"])
-            opt_mb[key] = optimizer_state_mb(r["folder"])
-            cfg = run_config(r["folder"])
-            seen[key] = images_seen(r["folder"], cfg)
-            flops[key] = pretrain_flops(r["folder"], cfg, seen[key])
-            if opts.weights:
-                w = weight_rows(r["folder"], cache_dir, opts.pca_frac, opts.bins)
-                if w is not None:
-                    weights[key] = w
-            if opts.sharpness:
-                from .sharpness import run_sharpness
-                sharp[key] = run_sharpness(r["folder"], opts.sharpness_batch, opts.sharpness_iters)
-        bar.close()
-        result.update(stability=events, optimizer_state_mb=opt_mb, images_seen=seen, pretrain_flops=flops)
-        by_key = {(r.get("cell") or os.path.basename(r["folder"])): r for r in folders}
-        pairs = list(OrderedDict.fromkeys((r["backbone"], r["optimizer"]) for r in folders))
+        runs = _measure_runs(folders, opts, out_dir, progress)
+        result.update(stability=runs.events, optimizer_state_mb=runs.opt_mb, images_seen=runs.seen,
+                      pretrain_flops=runs.flops)
+        if runs.finetune_events:
+            result["finetune_stability"] = runs.finetune_events
+        _cost_section(doc, runs)
+        _stability_section(doc, runs)
+        _compute_section(doc, runs, src.metric, fig_dir)
+        if runs.weights:
+            _weights_section(doc, result, runs, opts, fig_dir)
+        if runs.sharp:
+            _sharpness_section(doc, result, runs, opts)
+    return _write_report(doc, result, source_path, out_dir, fig_dir, t0)
 
-        def pair_mean(values: Dict[str, Optional[float]], pair) -> Optional[float]:
-            v = [x for k, x in values.items() if x is not None and (by_key[k]["backbone"], by_key[k]["optimizer"])
-                 == pair]
-            return float(np.mean(v)) if v else None
 
-        doc.h(2, "Cost")
-        doc.p("Per pair, the mean over its runs: pretraining images/s (median epoch), peak memory, the optimizer's "
-              "state in the last checkpoint, and the pretraining wall time. Compare speeds only within one machine "
-              "and one sweep run.")
-        cost_cols = {k: {kk: by_key[kk].get(k) for kk in by_key} for k in ("images_per_s", "peak_mem_mb",
-                                                                          "pretrain_s")}
-        doc.table(["backbone", "optimizer", "images/s", "peak MB", "optimizer state MB", "pretrain s",
-                   "pretrain PFLOPs"],
-                  [[b, o, pair_mean(cost_cols["images_per_s"], (b, o)), pair_mean(cost_cols["peak_mem_mb"], (b, o)),
-                    pair_mean(opt_mb, (b, o)), pair_mean(cost_cols["pretrain_s"], (b, o)),
-                    None if pair_mean(flops, (b, o)) is None else pair_mean(flops, (b, o)) / 1e15]
-                   for b, o in pairs])
-        doc.h(2, "Stability")
-        doc.p("Per run, from its summary.json (counted online by the training loop on every step) or, for a run "
-              "that wrote none, from its logs: gradient-norm and loss spikes (a value above 3 x the median of the "
-              "20 before it; consecutive spiking steps are one event), kNN-monitor dips (a reading more than 2 points "
-              "below the best before it; '-' when the run had no monitor), steps skipped for a non-finite loss or "
-              "gradient, rollbacks to an earlier checkpoint, and the layer whose gradient norm spiked first.")
+def _study_section(doc: Doc, result: Dict, scored: List[Dict], metric: str, opts: Options, threshold: float,
+                   fig_dir: str) -> None:
+    study = bocb.analyze_study(scored, opts.rule, threshold, opts.ci, opts.level)
+    result["study"] = study.to_json()
+    seeds = sorted({str(r["seed"]) for r in scored})
+    ci_text = ("Student t interval, mean ± t(0.975, n-1) · s / √n" if opts.ci == "t"
+               else "percentile bootstrap of the mean (10,000 resamples, seed 0)")
+    doc.h(2, "Study table")
+    doc.p(f"Mean over seeds ({', '.join(seeds)}) ± half-width of the {opts.level:.0%} confidence interval "
+          f"({ci_text}; none with one seed). Bad-pairing rule that ran: {study.rule.describe()}. "
+          f"Flagged cells are marked **bad**." + (" Where a pair was run on an lr / wd grid, its result is "
+                                                   "its best grid point." if any(r.get("lr") or r.get("wd")
+                                                                                 for r in scored) else ""))
+    doc.table(["backbone"] + study.optimizers,
+              [[b] + [_mean_ci(study.cells[(b, o)]) if (b, o) in study.cells else "-" for o in study.optimizers]
+               for b in study.backbones])
+    doc.img(fig_heatmap(study, metric, os.path.join(fig_dir, "heatmap.png")),
+            f"{metric} per backbone and optimizer (mean ± CI half-width; red boxes: bad pairings)")
+    doc.h(2, "Per backbone (over its optimizers, worst result removed)")
+    doc.table(["backbone", "optimizers", "best", "worst (optimizer)", "mean", "std", "range", "bad pairings"],
+              [[s.name, s.n, s.best, f"{s.worst:.2f} ({s.worst_of})", s.mean, s.std, s.range, s.flagged]
+               for s in study.per_backbone])
+    doc.h(2, "Per optimizer: generality across backbones (worst result removed)")
+    fam = {r["optimizer"]: r["family"] for r in scored}
+    doc.table(["optimizer", "family", "backbones", "best", "worst (backbone)", "mean", "std", "range",
+               "bad pairings"],
+              [[s.name, family_name(fam.get(s.name, "?")), s.n, s.best,
+                f"{s.worst:.2f} ({s.worst_of})", s.mean, s.std, s.range, s.flagged] for s in study.per_optimizer])
+    families = list(OrderedDict.fromkeys(sorted(fam.get(o, "?") for o in study.optimizers)))
+    fam_rows = []
+    for b in study.backbones:
+        row = [b]
+        for f in families:
+            vals = [c.mean for (bb, o), c in study.cells.items() if bb == b and fam.get(o, "?") == f]
+            row.append(float(np.mean(vals)) if vals else None)
+        fam_rows.append(row)
+    doc.h(2, "By optimizer family (BOCB Sec. 3.2)")
+    doc.table(["backbone"] + [family_name(f) for f in families], fam_rows)
+    result["families"] = {o: fam.get(o, "?") for o in study.optimizers}
+    doc.img(fig_spread(study, metric, os.path.join(fig_dir, "spread.png")),
+            "spread of the results: per backbone over optimizers, per optimizer over backbones")
 
-        def first_layers(e):
-            counts = e.get("first_layers") or {}
-            return ", ".join(f"{n} x{c}" for n, c in counts.items()) or None
-        doc.table(["run", "source", "steps", "grad-norm spikes", "loss spikes", "kNN dips", "non-finite steps",
-                   "rollbacks", "spiked first"],
-                  [[k, e["source"], e.get("logged_steps"), e.get("grad_spikes"), e.get("loss_spikes"),
-                    e.get("knn_dips"), e.get("nonfinite_steps"), e.get("rollbacks"), first_layers(e)]
-                   for k, e in events.items()])
-        if len(pairs) > 1 or len(folders) > len(pairs):
-            def pair_events(name, pair):
-                return pair_mean({k: e.get(name) for k, e in events.items()}, pair)
-            doc.p("Per (backbone, optimizer), the mean over its runs.")
-            doc.table(["backbone", "optimizer", "grad-norm spikes", "kNN dips", "non-finite steps", "rollbacks"],
-                      [[b, o] + [pair_events(n, (b, o)) for n in ("grad_spikes", "knn_dips", "nonfinite_steps",
-                                                                  "rollbacks")] for b, o in pairs])
-        for values, name, label in ((seen, "images", "images seen in pretraining"),
-                                    (flops, "flops", "pretraining FLOPs (approximate: 8 x backbone forward)")):
-            pts = [(by_key[k]["backbone"], by_key[k]["optimizer"], float(v), by_key[k]["score"])
-                   for k, v in values.items() if v and by_key[k].get("score")]
-            if len({round(p[2], -6) for p in pts}) > 1:
-                doc.img(fig_compute(pts, src.metric, os.path.join(fig_dir, f"compute_{name}.png"), label),
-                        f"{src.metric} against {label} (log-log)")
-            elif pts and name == "images":
-                doc.p(f"Every run saw the same number of images in pretraining ({int(pts[0][2]):,}).")
 
-    if weights:
-        doc.h(2, "Weight diagnostics")
-        doc.p("Per layer (Linear and Conv2d weights of the exported backbone): PL exponent alpha and matrix entropy "
-              "as WeightWatcher 0.7.7 computes them, the entropy of the histogram of weight values "
-              f"({opts.bins} bins, nats), the L2 norm and the top-k PCA energy (k = {opts.pca_frac:g} x rank). "
-              "Table: mean over layers (and seeds); figures: one ridge per optimizer along the layers, and the "
-              "distribution over layers.")
-        table = []
-        for b in OrderedDict.fromkeys(by_key[k]["backbone"] for k in weights):
-            per_opt: "OrderedDict[str, List[Dict]]" = OrderedDict()
-            for o in OrderedDict.fromkeys(by_key[k]["optimizer"] for k in weights if by_key[k]["backbone"] == b):
-                runs = [weights[k] for k in weights if by_key[k]["backbone"] == b and by_key[k]["optimizer"] == o]
-                layers = []
-                for i in range(len(runs[0])):
-                    layer = dict(name=runs[0][i]["name"])
-                    for key in LAYER_METRICS:
-                        vals = [run[i][key] for run in runs if run[i][key] is not None and math.isfinite(run[i][key])]
-                        layer[key] = float(np.mean(vals)) if vals else None
-                    layers.append(layer)
-                per_opt[o] = layers
-                table.append([b, o, len(runs), len(layers)] + [
-                    float(np.nanmean([x[key] if x[key] is not None else np.nan for x in layers]))
-                    if any(x[key] is not None for x in layers) else None for key in LAYER_METRICS])
-            slug = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in b)
-            doc.img(fig_ridges(b, per_opt, os.path.join(fig_dir, f"ridge_{slug}.png")),
-                    f"{b}: layer-wise ridges, one per optimizer")
-            doc.img(fig_histograms(b, per_opt, os.path.join(fig_dir, f"hist_{slug}.png")),
-                    f"{b}: distribution over layers per optimizer")
-        doc.table(["backbone", "optimizer", "runs", "layers"] + list(LAYER_METRICS), table)
-        result["weights"] = weights
+def _hp_section(doc: Doc, result: Dict, with_hp: List[Dict], fig_dir: str) -> None:
+    best = bocb.best_settings(with_hp)
+    robust = OrderedDict((reading, bocb.hp_robustness(best, reading)) for reading in ("backbone", "optimizer"))
+    result["hp_robustness"] = {k: dict(modes=v.modes, distances=[dict(backbone=b, optimizer=o, distance=d,
+                                                                      lr=best[(b, o)][0], wd=best[(b, o)][1])
+                                                                 for (b, o), d in v.distances.items()])
+                               for k, v in robust.items()}
+    doc.h(2, "Hyper-parameter robustness (BOCB Sec. 3.1 / A.3)")
+    doc.p("Each pair's best lr and wd, one-hot encoded over its grid; the cost is the Manhattan distance to the "
+          "mode (lr and wd summed: 0, 2 or 4). Two readings of the mode: per backbone across its optimizers "
+          "(paper A.3) and per optimizer across backbones. lr and wd take their modes separately; a tie goes "
+          "to the value met first in the table.")
+    for reading, r in robust.items():
+        by = "backbone" if reading == "backbone" else "optimizer"
+        groups = r.per_group(by)
+        doc.table([by, "mode lr", "mode wd", "pairs", "mean distance", "pairs at 0", "pairs at 4"],
+                  [[g, r.modes[g][0], r.modes[g][1], len(d), float(np.mean(d)), sum(x == 0 for x in d),
+                    sum(x == 4 for x in d)] for g, d in groups.items()])
+    doc.img(fig_robustness(robust, os.path.join(fig_dir, "hp_robustness.png")),
+            "one-hot distance of each pair's best (lr, wd) to the mode, both readings")
 
-    if sharp:
-        doc.h(2, "Sharpness and activity")
-        doc.p(f"Top Hessian eigenvalue of the MoCo v3 loss at the final weights (power iteration on Hessian-vector "
-              f"products, {opts.sharpness_batch} images with fixed augmentations, seed 0, at most "
-              f"{opts.sharpness_iters} iterations) and the mean fraction of activated neurons per backbone block.")
-        doc.table(["run", "top Hessian eigenvalue", "iterations", "activated fraction"],
-                  [[k, s["hessian_top_eig"], s["hessian_iters"], s["activation_mean"]] for k, s in sharp.items()])
-        result["sharpness"] = sharp
 
+@dataclass
+class RunMeasurements:
+    """What the report measures in each run folder, keyed by cell (or folder name)."""
+    by_key: Dict[str, Dict]
+    pairs: List[Tuple[str, str]]
+    events: Dict = field(default_factory=OrderedDict)
+    finetune_events: Dict = field(default_factory=OrderedDict)
+    opt_mb: Dict = field(default_factory=OrderedDict)
+    seen: Dict = field(default_factory=OrderedDict)
+    flops: Dict = field(default_factory=OrderedDict)
+    weights: Dict = field(default_factory=OrderedDict)
+    sharp: Dict = field(default_factory=OrderedDict)
+
+    def pair_mean(self, values: Dict[str, Optional[float]], pair) -> Optional[float]:
+        v = [x for k, x in values.items() if x is not None and
+             (self.by_key[k]["backbone"], self.by_key[k]["optimizer"]) == pair]
+        return float(np.mean(v)) if v else None
+
+
+def _measure_runs(folders: List[Dict], opts: Options, out_dir: str, progress: bool) -> RunMeasurements:
+    from tqdm import tqdm
+    from .stability import run_events
+    runs = RunMeasurements(by_key={(r.get("cell") or os.path.basename(r["folder"])): r for r in folders},
+                           pairs=list(OrderedDict.fromkeys((r["backbone"], r["optimizer"]) for r in folders)))
+    cache_dir = os.path.join(out_dir, "cache")
+    bar = tqdm(folders, desc="run folders", unit="run", disable=not progress)
+    for r in bar:
+        bar.set_postfix_str(os.path.basename(r["folder"])[:40])
+        key = r.get("cell") or os.path.basename(r["folder"])
+        runs.events[key] = run_events(r["folder"])
+        finetune = os.path.join(r["folder"], "finetune")
+        if os.path.isfile(os.path.join(finetune, "summary.json")):
+            runs.finetune_events[key] = run_events(finetune)
+        runs.opt_mb[key] = optimizer_state_mb(r["folder"])
+        cfg = run_config(r["folder"])
+        runs.seen[key] = images_seen(r["folder"], cfg)
+        runs.flops[key] = pretrain_flops(r["folder"], cfg, runs.seen[key])
+        if opts.weights:
+            w = weight_rows(r["folder"], cache_dir, opts.pca_frac, opts.bins)
+            if w is not None:
+                runs.weights[key] = w
+        if opts.sharpness:
+            from .sharpness import run_sharpness
+            runs.sharp[key] = run_sharpness(r["folder"], opts.sharpness_batch, opts.sharpness_iters)
+    bar.close()
+    return runs
+
+
+def _cost_section(doc: Doc, runs: RunMeasurements) -> None:
+    doc.h(2, "Cost")
+    doc.p("Per pair, the mean over its runs: pretraining images/s (median epoch), peak memory, the optimizer's "
+          "state in the last checkpoint, and the pretraining wall time. Compare speeds only within one machine "
+          "and one sweep run.")
+    by_key, mean = runs.by_key, runs.pair_mean
+    cost = {k: {kk: by_key[kk].get(k) for kk in by_key} for k in ("images_per_s", "peak_mem_mb", "pretrain_s")}
+    doc.table(["backbone", "optimizer", "images/s", "peak MB", "optimizer state MB", "pretrain s",
+               "pretrain PFLOPs"],
+              [[b, o, mean(cost["images_per_s"], (b, o)), mean(cost["peak_mem_mb"], (b, o)),
+                mean(runs.opt_mb, (b, o)), mean(cost["pretrain_s"], (b, o)),
+                None if mean(runs.flops, (b, o)) is None else mean(runs.flops, (b, o)) / 1e15]
+               for b, o in runs.pairs])
+
+
+def _first_layers(e: Dict) -> Optional[str]:
+    counts = e.get("first_layers") or {}
+    return ", ".join(f"{n} x{c}" for n, c in counts.items()) or None
+
+
+def _events_tables(doc: Doc, runs: RunMeasurements, events: Dict, dips: str) -> None:
+    """The per-run event counts, then their means per (backbone, optimizer)."""
+    doc.table(["run", "source", "steps", "grad-norm spikes", "loss spikes", dips, "non-finite steps",
+               "rollbacks", "spiked first"],
+              [[k, e["source"], e.get("logged_steps"), e.get("grad_spikes"), e.get("loss_spikes"),
+                e.get("dips"), e.get("nonfinite_steps"), e.get("rollbacks"), _first_layers(e)]
+               for k, e in events.items()])
+    if len(runs.pairs) > 1 or len(runs.by_key) > len(runs.pairs):
+        doc.p("Per (backbone, optimizer), the mean over its runs.")
+        doc.table(["backbone", "optimizer", "grad-norm spikes", dips, "non-finite steps", "rollbacks"],
+                  [[b, o] + [runs.pair_mean({k: e.get(n) for k, e in events.items() if k in runs.by_key}, (b, o))
+                             for n in ("grad_spikes", "dips", "nonfinite_steps", "rollbacks")]
+                   for b, o in runs.pairs])
+
+
+def _stability_section(doc: Doc, runs: RunMeasurements) -> None:
+    doc.h(2, "Stability")
+    doc.p("Per run, from its summary.json (counted online by the training loop on every step) or, for a run "
+          "that wrote none, from its logs: gradient-norm and loss spikes (a value above 3 x the median of the "
+          "20 before it; consecutive spiking steps are one event), kNN-monitor dips (a reading more than 2 points "
+          "below the best before it; '-' when the run had no monitor), steps skipped for a non-finite loss or "
+          "gradient, rollbacks to an earlier checkpoint, and the layer whose gradient norm spiked first.")
+    _events_tables(doc, runs, runs.events, "kNN dips")
+    if runs.finetune_events:
+        doc.h(3, "Fine-tuning")
+        doc.p("The same counts for the runs' fine-tuning (its summary.json, written by the same training loop); "
+              "dips are of the validation top-1 read after each epoch.")
+        _events_tables(doc, runs, runs.finetune_events, "top-1 dips")
+
+
+def _compute_section(doc: Doc, runs: RunMeasurements, metric: str, fig_dir: str) -> None:
+    by_key = runs.by_key
+    for values, name, label in ((runs.seen, "images", "images seen in pretraining"),
+                                (runs.flops, "flops", "pretraining FLOPs (approximate: 8 x backbone forward)")):
+        pts = [(by_key[k]["backbone"], by_key[k]["optimizer"], float(v), by_key[k]["score"])
+               for k, v in values.items() if v and by_key[k].get("score")]
+        if len({round(p[2], -6) for p in pts}) > 1:
+            doc.img(fig_compute(pts, metric, os.path.join(fig_dir, f"compute_{name}.png"), label),
+                    f"{metric} against {label} (log-log)")
+        elif pts and name == "images":
+            doc.p(f"Every run saw the same number of images in pretraining ({int(pts[0][2]):,}).")
+
+
+def _weights_section(doc: Doc, result: Dict, runs: RunMeasurements, opts: Options, fig_dir: str) -> None:
+    weights, by_key = runs.weights, runs.by_key
+    doc.h(2, "Weight diagnostics")
+    doc.p("Per layer (Linear and Conv2d weights of the exported backbone): PL exponent alpha and matrix entropy "
+          "as WeightWatcher 0.7.7 computes them, the entropy of the histogram of weight values "
+          f"({opts.bins} bins, nats), the L2 norm and the top-k PCA energy (k = {opts.pca_frac:g} x rank). "
+          "Table: mean over layers (and seeds); figures: one ridge per optimizer along the layers, and the "
+          "distribution over layers.")
+    table = []
+    for b in OrderedDict.fromkeys(by_key[k]["backbone"] for k in weights):
+        per_opt: "OrderedDict[str, List[Dict]]" = OrderedDict()
+        for o in OrderedDict.fromkeys(by_key[k]["optimizer"] for k in weights if by_key[k]["backbone"] == b):
+            runs_bo = [weights[k] for k in weights if by_key[k]["backbone"] == b and by_key[k]["optimizer"] == o]
+            per_opt[o] = _mean_layers(runs_bo)
+            table.append([b, o, len(runs_bo), len(per_opt[o])] + [
+                float(np.nanmean([x[key] if x[key] is not None else np.nan for x in per_opt[o]]))
+                if any(x[key] is not None for x in per_opt[o]) else None for key in LAYER_METRICS])
+        slug = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in b)
+        doc.img(fig_ridges(b, per_opt, os.path.join(fig_dir, f"ridge_{slug}.png")),
+                f"{b}: layer-wise ridges, one per optimizer")
+        doc.img(fig_histograms(b, per_opt, os.path.join(fig_dir, f"hist_{slug}.png")),
+                f"{b}: distribution over layers per optimizer")
+    doc.table(["backbone", "optimizer", "runs", "layers"] + list(LAYER_METRICS), table)
+    result["weights"] = weights
+
+
+def _mean_layers(runs: List[List[Dict]]) -> List[Dict]:
+    """Layer by layer, the mean of each weight metric over runs (non-finite values left out)."""
+    layers = []
+    for i in range(len(runs[0])):
+        layer = dict(name=runs[0][i]["name"])
+        for key in LAYER_METRICS:
+            vals = [run[i][key] for run in runs if run[i][key] is not None and math.isfinite(run[i][key])]
+            layer[key] = float(np.mean(vals)) if vals else None
+        layers.append(layer)
+    return layers
+
+
+def _sharpness_section(doc: Doc, result: Dict, runs: RunMeasurements, opts: Options) -> None:
+    doc.h(2, "Sharpness and activity")
+    doc.p(f"Top Hessian eigenvalue of the MoCo v3 loss at the final weights (power iteration on Hessian-vector "
+          f"products, {opts.sharpness_batch} images with fixed augmentations, seed 0, at most "
+          f"{opts.sharpness_iters} iterations) and the mean fraction of activated neurons per backbone block.")
+    doc.table(["run", "top Hessian eigenvalue", "iterations", "activated fraction"],
+              [[k, s["hessian_top_eig"], s["hessian_iters"], s["activation_mean"]] for k, s in runs.sharp.items()])
+    result["sharpness"] = runs.sharp
+
+
+def _write_report(doc: Doc, result: Dict, source_path: str, out_dir: str, fig_dir: str, t0: float) -> Dict[str, str]:
     seconds = time.time() - t0
     doc.p(f"Written by `tools/analyze.py` in {seconds:.1f} s on {time.strftime('%Y-%m-%d %H:%M')}.")
     result["seconds"] = round(seconds, 2)

@@ -88,6 +88,10 @@ def run_events(run_dir: str) -> Dict:
         out = dict(source="summary.json", logged_steps=s.get("step"))
         out.update({k: ev.get(k) for k in ("grad_spikes", "loss_spikes", "knn_dips", "nonfinite_steps",
                                            "overflow_skips", "rollbacks")})
+        # the dips of whatever the run watched: pretraining's kNN monitor (knn_dips), a fine-tune's validation
+        # top-1 (top1_dips)
+        dip_keys = [k for k in ev if k.endswith("_dips")]
+        out["dips"] = ev.get(dip_keys[0]) if dip_keys else None
         out["first_layers"] = s.get("first_layer_counts")
         return out
     steps = read_jsonl(os.path.join(run_dir, "steps.jsonl"))
@@ -97,5 +101,5 @@ def run_events(run_dir: str) -> Dict:
     knn = [r["knn_top1"] for r in epochs if "knn_top1" in r]
     gs, ls, ds = onsets(spikes(grad)), onsets(spikes(loss)), onsets(dips(knn))
     return dict(source="logs", grad_spikes=len(gs), loss_spikes=len(ls),
-                knn_dips=len(ds) if knn else None, grad_spike_steps=[steps[i]["step"] for i in gs],
+                knn_dips=len(ds) if knn else None, dips=len(ds) if knn else None, grad_spike_steps=[steps[i]["step"] for i in gs],
                 loss_spike_steps=[steps[i]["step"] for i in ls], logged_steps=len(steps), knn_readings=len(knn))

@@ -1,6 +1,7 @@
 """One table per sweep: a row per cell (one per seed) with its axis values, every stage's top-1 / top-5, the
 pretraining's final loss, images/s, peak memory and wall time, its instability events (from the run's summary.json:
-gradient spikes, kNN dips, non-finite steps, rollbacks), its state and folder. Written as results.csv,
+gradient spikes, kNN dips, non-finite steps, rollbacks) and the fine-tune's (``finetune_*``: from the fine-tune's
+summary.json, written by the same training loop, with dips of its validation top-1), its state and folder. Written as results.csv,
 results.md, results.json, TensorBoard HParams (``tb_hparams/``, one run per cell) and results.png (a heatmap of the
 first metric over the first axis against the others, the mean over seeds)."""
 from __future__ import annotations
@@ -20,6 +21,7 @@ from .runner import cell_status, result_file
 METRICS = [f"{s}_{k}" for s in ("knn", "linprobe", "finetune") for k in ("top1", "top5")]
 PRETRAIN = ["final_loss", "images_per_s", "peak_mem_mb"]
 EVENTS = ["grad_spikes", "knn_dips", "nonfinite_steps", "rollbacks"]
+FINETUNE_EVENTS = ["finetune_grad_spikes", "finetune_top1_dips", "finetune_nonfinite_steps", "finetune_rollbacks"]
 
 
 def _fmt(v, digits: int = 2) -> str:
@@ -44,6 +46,8 @@ def cell_row(plan: Plan, cell) -> Dict:
                    peak_mem_mb=max(r.get("peak_mem_mb", 0.0) for r in epochs))
     ev = read_summary(cell.folder).get("events", {})
     row.update({k: ev[k] for k in EVENTS if k in ev})
+    ft = read_summary(os.path.join(cell.folder, "finetune")).get("events", {})
+    row.update({k: ft[k[len("finetune_"):]] for k in FINETUNE_EVENTS if k[len("finetune_"):] in ft})
     for stage in ("knn", "linprobe", "finetune"):
         path = result_file(cell, stage)
         if os.path.isfile(path) and stage not in st["left"]:
@@ -66,7 +70,7 @@ def columns(plan: Plan, rows: List[Dict]) -> List[str]:
     label_keys = list(dict.fromkeys(k for c in plan.cells for k in c.labels))
     metric_cols = [m for m in METRICS if any(m in r for r in rows)]
     timing = [k for k in ("pretrain_s", "knn_s", "linprobe_s", "finetune_s") if any(k in r for r in rows)]
-    events = [k for k in EVENTS if any(k in r for r in rows)]
+    events = [k for k in EVENTS + FINETUNE_EVENTS if any(k in r for r in rows)]
     return (["cell", "hash"] + label_keys + ["timm_model", "optim_name", "state"] + metric_cols + PRETRAIN +
             events + ["epochs_done"] + timing + ["wall_s", "error", "folder"])
 
@@ -76,7 +80,8 @@ def markdown(plan: Plan, rows: List[Dict], cols: List[str]) -> str:
                                            "pretrain_s", "knn_s", "linprobe_s", "finetune_s")]
     head = {"final_loss": "final loss", "images_per_s": "img/s", "peak_mem_mb": "peak MB", "wall_s": "wall s",
             "grad_spikes": "grad spikes", "knn_dips": "kNN dips", "nonfinite_steps": "NaN steps",
-            "rollbacks": "rollbacks"}
+            "rollbacks": "rollbacks", "finetune_grad_spikes": "FT grad spikes", "finetune_top1_dips": "FT top-1 dips",
+            "finetune_nonfinite_steps": "FT NaN steps", "finetune_rollbacks": "FT rollbacks"}
     lines = ["| " + " | ".join(head.get(c, c.replace("_", " ")) for c in shown) + " |",
              "| " + " | ".join("---" for _ in shown) + " |"]
     for r in rows:
@@ -98,7 +103,7 @@ def hparams(plan: Plan, rows: List[Dict], out: str) -> str:
     for r, cell in zip(rows, plan.cells):
         hp = {k: str(v) for k, v in cell.labels.items()}
         hp.update(timm_model=r["timm_model"], optim_name=r["optim_name"], state=r["state"])
-        metrics = {f"hparam/{k}": float(r[k]) for k in METRICS + PRETRAIN + EVENTS + ["wall_s"]
+        metrics = {f"hparam/{k}": float(r[k]) for k in METRICS + PRETRAIN + EVENTS + FINETUNE_EVENTS + ["wall_s"]
                    if isinstance(r.get(k), (int, float)) and math.isfinite(r[k])}
         w = SummaryWriter(os.path.join(folder, cell.id))
         w.add_hparams(hp, metrics, run_name=".")
