@@ -31,10 +31,10 @@ def test_every_config_key_is_in_the_readme():
 def test_every_eval_key_is_in_the_readme():
     text = readme()
     keys = [k for k in config.schema_keys(config.EvalConfig)
-            if not k.startswith(("data.", "model.", "finetune.optim."))]
+            if not k.startswith(("data.", "model.", "finetune.optim.", "finetune.stability."))]
     missing = [k for k in keys if f"`{k}`" not in text]
     assert not missing, missing
-    assert "`finetune.optim.*`" in text
+    assert "`finetune.optim.*`" in text and "`finetune.stability.*`" in text
 
 
 def test_readme_holds_the_optimizer_table_as_the_tool_prints_it():
