@@ -303,3 +303,11 @@ def test_collect_and_report_read_the_fine_tunes_stability(tmp_path):
     md = open(paths["md"]).read()
     assert "### Fine-tuning" in md and "top-1 dips" in md
     assert cell.name in json.load(open(paths["json"]))["finetune_stability"]
+
+
+def test_plan_resolves_recipe_paths_from_another_folder(tmp_path):
+    """configs/quickstart.yaml in a sweep file is found in the repository when the sweep runs from elsewhere."""
+    proc = subprocess.run([sys.executable, SWEEP, "plan", os.path.join(REPO, "configs", "sweeps", "cpu_mini.yaml")],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "12 cells" in proc.stdout + proc.stderr

@@ -43,11 +43,12 @@ def weight_matrices(w: np.ndarray) -> Tuple[List[np.ndarray], int, int, int]:
         return [w], max(w.shape), min(w.shape), 1
     if w.ndim == 4:
         out, inp, kh, kw = w.shape
-        if out + inp >= kh + kw:  # channels last in WeightWatcher's words: [out, in] slices per kernel position
-            mats = [w[:, :, i, j] for i in range(kh) for j in range(kw)]
+        mats = [w[:, :, i, j] for i in range(kh) for j in range(kw)]  # [out, in] slices per kernel position
+        if out + inp >= kh + kw:  # "channels last" in WeightWatcher's words
             return mats, max(out, inp), min(out, inp), kh * kw
-        mats = [w[i, j] for i in range(out) for j in range(inp)]  # kernel larger than the channels
-        return mats, max(kh, kw), min(kh, kw), out * inp
+        # a kernel larger than its channel counts: WeightWatcher detects "channels first", but PyTorch layers are
+        # declared channels-last, so it flips back to the same [out, in] slices, with N = out and M = in unsorted
+        return mats, out, inp, kh * kw
     raise ValueError(f"weight of shape {w.shape} is neither a matrix nor a conv kernel")
 
 

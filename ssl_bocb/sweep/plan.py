@@ -190,12 +190,17 @@ def config_hash(data: Dict[str, Any], schema, drop: Tuple[str, ...]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+# the checkout this package runs from (an editable install): recipe paths such as configs/quickstart.yaml resolve
+# against it too, so that a sweep file can be run from any folder
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
 def _find_file(path: str, base: str, where: str) -> str:
-    for candidate in (path, os.path.join(base, path)):
+    for candidate in (path, os.path.join(base, path), os.path.join(REPO_ROOT, path)):
         if os.path.isfile(candidate):
             return os.path.abspath(candidate)
-    raise UserError(f"{where}: config file '{path}' does not exist (looked in the current folder and beside the "
-                    f"sweep file)")
+    raise UserError(f"{where}: config file '{path}' does not exist (looked in the current folder, beside the "
+                    f"sweep file and in the repository {REPO_ROOT})")
 
 
 def _part(spec: Any, base: str, where: str) -> Part:
