@@ -92,6 +92,42 @@ def test_study_summaries_drop_the_worst_and_seeds_give_intervals():
     json.dumps(st.to_json())  # plain data
 
 
+def test_welch_interval_matches_scipy():
+    from scipy import stats
+    a, b = [80.0, 82.5, 81.0], [70.0, 77.0, 72.5, 74.0]
+    diff, lo, hi = bocb.welch_interval(a, b)
+    ci = stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    assert diff == pytest.approx(np.mean(a) - np.mean(b)) and (lo, hi) == pytest.approx((ci.low, ci.high), rel=1e-4)
+    assert bocb.t_quantile(0.975, 2.5) == pytest.approx(stats.t.ppf(0.975, 2.5), rel=1e-4)  # Welch df: not whole
+    assert all(math.isnan(v) for v in bocb.welch_interval([1.0], [2.0, 3.0])[1:])
+
+
+def test_flags_are_marked_uncertain_when_the_interval_reaches_the_threshold():
+    """r18: lamb far below the cut with tight seeds (a real coupling); vit: sgd just below the cut with noisy seeds
+    (its interval reaches the cut: uncertain); one seed: every flag uncertain."""
+    table = {("r18", "sgd"): [80.0, 80.4, 79.8], ("r18", "adamw"): [79.0, 79.2, 78.9],
+             ("r18", "lars"): [79.6, 79.9, 79.4], ("r18", "lamb"): [60.0, 60.5, 59.8],
+             ("vit", "sgd"): [64.0, 72.0, 66.0], ("vit", "adamw"): [72.0, 72.2, 71.9],
+             ("vit", "lars"): [71.0, 71.3, 70.8], ("vit", "lamb"): [71.5, 71.4, 71.6]}
+    rows = [dict(backbone=b, optimizer=o, seed=i, score=v) for (b, o), vals in table.items()
+            for i, v in enumerate(vals)]
+    st = bocb.analyze_study(rows, "eq1", 3.0)
+    lamb, sgd = st.cells[("r18", "lamb")], st.cells[("vit", "sgd")]
+    assert lamb.flagged and not lamb.uncertain and lamb.ci_high < lamb.cut
+    # vit: means 67.33, 72.03, 71.03, 71.5 -> IQR 0.94 (< 3) -> cut 71.1; sgd's interval reaches above it
+    assert sgd.flagged and sgd.uncertain and sgd.ci_high >= sgd.cut
+    assert not st.cells[("vit", "lars")].uncertain  # not flagged: no mark either way
+    # the gap to the row's best with its Welch interval: lamb's is far from 0, the best's is 0
+    assert lamb.gap == pytest.approx(np.mean(table[("r18", "sgd")]) - np.mean(table[("r18", "lamb")]))
+    assert lamb.gap_low > 15 and st.cells[("r18", "sgd")].gap == 0.0
+    assert (sgd.gap_low, sgd.gap_high) == pytest.approx(bocb.welch_interval(table[("vit", "adamw")],
+                                                                            table[("vit", "sgd")])[1:])
+    assert sgd.gap_low < 0 < sgd.gap_high  # seed noise could explain the gap
+    single = bocb.analyze_study([r for r in rows if r["seed"] == 0], "eq1", 3.0)
+    assert all(c.uncertain for c in single.cells.values() if c.flagged) and any(
+        c.flagged for c in single.cells.values())
+
+
 def test_grid_points_pick_the_best_and_record_it():
     rows = [dict(backbone="b", optimizer="o", seed=s, lr=lr, wd="0.05", score=v)
             for lr, vals in (("0.1", [50, 52]), ("0.3", [60, 58]), ("1.0", [55, 57])) for s, v in enumerate(vals)]
@@ -183,6 +219,21 @@ def test_small_spectra_and_skip_rules_match_weightwatcher():
     for r, (_, w) in zip(kept, details.iterrows()):  # 12 eigenvalues: the small-sample path
         assert r["alpha"] == pytest.approx(w["alpha"], rel=1e-6)
         assert r["matrix_entropy"] == pytest.approx(w["entropy"], rel=1e-6)
+
+
+def test_a_conv_kernel_larger_than_its_channels_matches_weightwatcher():
+    """3 out, 2 in, 5x5: WeightWatcher flips its 'channels first' guess back for PyTorch layers and still pools the
+    25 [out, in] slices (50 eigenvalues); reading 3 x 2 = 6 kernels of 5x5 instead gave alpha 3.909 against 3.613."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 5), nn.Conv2d(3, 16, 7), nn.Conv2d(16, 4, 9))
+    rows = spectral.model_metrics(model)
+    details = _ww_details(model)
+    kept = [r for r in rows if not r["skipped"]]
+    assert len(kept) == len(details) == 3
+    for r, (_, w) in zip(kept, details.iterrows()):
+        assert r["num_evals"] == w["num_evals"]
+        assert r["alpha"] == pytest.approx(w["alpha"], rel=1e-6), r["name"]
+        assert r["matrix_entropy"] == pytest.approx(w["entropy"], rel=1e-6), r["name"]
 
 
 def test_pca_energy_and_entropies_against_direct_numpy():
@@ -302,6 +353,8 @@ def test_analyze_a_csv_writes_report_html_with_every_figure(tmp_path):
     assert not cells[("resnet18", "sgd")]["flagged"] and cells[("resnet18", "sgd")]["lr"] == "0.3"
     assert data["study"]["rule"]["rule"] == "eq1" and data["study"]["rule"]["threshold"] == 3.0
     assert "BOCB Eq. 1" in md and "Student t interval" in md
+    assert "Welch t interval" in md and ("**bad**" in md or "**bad?** (uncertain)" in md)
+    assert all(math.isfinite(c["cut"]) and c["gap"] >= 0 for c in data["study"]["cells"])
     assert data["families"] == {"sgd": "a", "lars": "c", "adamw": "b", "lamb": "b"}
     assert {d["distance"] for d in data["hp_robustness"]["backbone"]["distances"]} == {0}
 

@@ -20,9 +20,9 @@ _trapezoid = getattr(np, "trapezoid", None) or np.trapz  # numpy 2 renamed trapz
 
 # --- confidence intervals ------------------------------------------------------------------------------------------
 
-def t_quantile(p: float, df: int) -> float:
-    """Quantile of Student's t with ``df`` degrees of freedom (numerical inverse of the CDF; no scipy needed).
-    t_quantile(0.975, 1) = 12.706, (0.975, 4) = 2.776, (0.975, 30) = 2.042."""
+def t_quantile(p: float, df: float) -> float:
+    """Quantile of Student's t with ``df`` degrees of freedom, which need not be whole (Welch's df); numerical
+    inverse of the CDF, no scipy needed. t_quantile(0.975, 1) = 12.706, (0.975, 4) = 2.776, (0.975, 30) = 2.042."""
     if not 0.5 <= p < 1.0 or df < 1:
         raise ValueError(f"t_quantile needs 0.5 <= p < 1 and df >= 1, got p={p}, df={df}")
     if p == 0.5:
@@ -81,6 +81,11 @@ class CellStat:
     lr: Optional[str] = None                # the grid point that won (when the study has an lr / wd grid)
     wd: Optional[str] = None
     flagged: bool = False
+    cut: float = math.nan                   # the bad-pairing threshold of its backbone's row: flagged when mean < cut
+    uncertain: bool = False                 # flagged, but its interval reaches the cut (or it has one seed)
+    gap: float = math.nan                   # the row's best mean minus this mean (>= 0)
+    gap_low: float = math.nan               # Welch t interval of that difference over seeds
+    gap_high: float = math.nan
 
 
 def _key(v) -> str:
@@ -131,18 +136,51 @@ class RuleRun:
                 f"results over its optimizers; IQR with linear-interpolation quartiles)")
 
 
-def flag_bad_pairs(results: Dict[str, float], rule: str = "eq1", threshold: float = 3.0) -> Dict[str, bool]:
-    """``results`` maps one backbone's optimizers to their scores; returns which are flagged as bad pairings."""
+def flag_cut(results: Dict[str, float], rule: str = "eq1", threshold: float = 3.0) -> float:
+    """The score below which a result of this row is a bad pairing: max(R) - min(IQR(R), gamma) (eq1) or
+    max(R) - t * IQR(R) (iqr); -inf when the row has fewer than two results."""
     if rule not in ("eq1", "iqr"):
         raise ValueError(f"unknown bad-pairing rule '{rule}' (eq1 or iqr)")
     vals = list(results.values())
     if len(vals) < 2:
-        return {k: False for k in results}
+        return -math.inf
     best, spread = max(vals), iqr(vals)
-    if rule == "eq1":
-        cut = best - min(spread, threshold)
-        return {k: v < cut for k, v in results.items()}
-    return {k: (best - v) > threshold * spread for k, v in results.items()}
+    return best - (min(spread, threshold) if rule == "eq1" else threshold * spread)
+
+
+def flag_bad_pairs(results: Dict[str, float], rule: str = "eq1", threshold: float = 3.0) -> Dict[str, bool]:
+    """``results`` maps one backbone's optimizers to their scores; returns which are flagged as bad pairings."""
+    cut = flag_cut(results, rule, threshold)
+    return {k: v < cut for k, v in results.items()}
+
+
+def welch_interval(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> Tuple[float, float, float]:
+    """mean(a) - mean(b) and its Welch t interval (unequal variances, Welch-Satterthwaite degrees of freedom);
+    (diff, nan, nan) when either side has fewer than two values. Two identical constant samples give a zero-width
+    interval."""
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    diff = float(x.mean() - y.mean())
+    if len(x) < 2 or len(y) < 2:
+        return diff, math.nan, math.nan
+    vx, vy = x.var(ddof=1) / len(x), y.var(ddof=1) / len(y)
+    se = math.sqrt(vx + vy)
+    if se == 0:
+        return diff, diff, diff
+    df = (vx + vy) ** 2 / ((vx ** 2 / (len(x) - 1) if vx else 0.0) + (vy ** 2 / (len(y) - 1) if vy else 0.0))
+    half = t_quantile(0.5 + level / 2, max(df, 1.0)) * se
+    return diff, diff - half, diff + half
+
+
+def mark_significance(cells: "OrderedDict[Pair, CellStat]", backbone: str, cut: float, level: float) -> None:
+    """For one backbone's row: each cell's gap to the row's best (Welch t over seeds) and whether its flag is
+    uncertain (its interval reaches the cut, or it has no interval)."""
+    row = [c for (b, _), c in cells.items() if b == backbone]
+    best = max(row, key=lambda c: c.mean)
+    for c in row:
+        c.cut = cut
+        c.gap, c.gap_low, c.gap_high = ((0.0, math.nan, math.nan) if c is best else
+                                        welch_interval(best.scores, c.scores, level))
+        c.uncertain = c.flagged and not (math.isfinite(c.ci_high) and c.ci_high < cut)
 
 
 # --- summaries -------------------------------------------------------------------------------------------------------
@@ -213,6 +251,7 @@ def analyze_study(rows: Iterable[Dict], rule: str = "eq1", threshold: float = 3.
         flags = flag_bad_pairs(res, rule, threshold)
         for o, f in flags.items():
             cells[(b, o)].flagged = f
+        mark_significance(cells, b, flag_cut(res, rule, threshold), level)
         per_backbone.append(summarize(b, res, flags))
     per_optimizer = []
     for o in optimizers:

@@ -250,9 +250,11 @@ def fig_heatmap(study: bocb.Study, metric: str, path: str) -> str:
         text = f"{c.mean:.1f}" + (f"\n±{half:.1f}" if half is not None else "")
         ax.text(j, i, text, ha="center", va="center", color="w", fontsize=7)
         if c.flagged:
-            ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="red", lw=2.5))
+            ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="red", lw=2.5,
+                                       ls="--" if c.uncertain else "-"))
     fig.colorbar(im, ax=ax, label=f"{metric} (%)")
-    ax.set_title(f"{metric}: mean over seeds (red box: bad pairing, {study.rule.rule})", fontsize=9)
+    ax.set_title(f"{metric}: mean over seeds (red box: bad pairing, dashed: uncertain; {study.rule.rule})",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -462,7 +464,18 @@ def _mean_ci(c: bocb.CellStat) -> str:
     if math.isfinite(c.ci_low):
         s += f" ± {(c.ci_high - c.ci_low) / 2:.2f}"
     s += f" (n={c.n})"
-    return s + (" **bad**" if c.flagged else "")
+    if c.flagged:
+        s += " **bad?** (uncertain)" if c.uncertain else " **bad**"
+    return s
+
+
+def _gap(c: bocb.CellStat) -> str:
+    """The row's best minus this cell, with its Welch interval."""
+    if c.gap == 0 and not math.isfinite(c.gap_low):
+        return "best"
+    if not math.isfinite(c.gap_low):
+        return f"{c.gap:.2f} (one seed)"
+    return f"{c.gap:.2f} [{c.gap_low:.2f}, {c.gap_high:.2f}]" + ("" if c.gap_low > 0 else " ~0")
 
 
 def _per_pair(rows: List[Dict], value) -> "OrderedDict[Tuple[str, str], List[float]]":
@@ -529,14 +542,22 @@ def _study_section(doc: Doc, result: Dict, scored: List[Dict], metric: str, opts
     doc.h(2, "Study table")
     doc.p(f"Mean over seeds ({', '.join(seeds)}) ± half-width of the {opts.level:.0%} confidence interval "
           f"({ci_text}; none with one seed). Bad-pairing rule that ran: {study.rule.describe()}. "
-          f"Flagged cells are marked **bad**." + (" Where a pair was run on an lr / wd grid, its result is "
+          f"Flagged cells are marked **bad**, or **bad?** (uncertain) when the upper end of their interval reaches "
+          f"the row's threshold (or they have one seed): seed noise alone could have put them below it." + (" Where a pair was run on an lr / wd grid, its result is "
                                                    "its best grid point." if any(r.get("lr") or r.get("wd")
                                                                                  for r in scored) else ""))
     doc.table(["backbone"] + study.optimizers,
               [[b] + [_mean_ci(study.cells[(b, o)]) if (b, o) in study.cells else "-" for o in study.optimizers]
                for b in study.backbones])
+    doc.p(f"Difference to the row's best (its best mean minus this mean, points) with its {opts.level:.0%} Welch t "
+          f"interval over seeds (unequal variances, Welch-Satterthwaite degrees of freedom); '~0' marks an interval "
+          f"that reaches 0, where the gap is within seed noise. Threshold: the score under which the row flags.")
+    doc.table(["backbone", "threshold"] + study.optimizers,
+              [[b, next(c.cut for (bb, _), c in study.cells.items() if bb == b)]
+               + [_gap(study.cells[(b, o)]) if (b, o) in study.cells else "-" for o in study.optimizers]
+               for b in study.backbones])
     doc.img(fig_heatmap(study, metric, os.path.join(fig_dir, "heatmap.png")),
-            f"{metric} per backbone and optimizer (mean ± CI half-width; red boxes: bad pairings)")
+            f"{metric} per backbone and optimizer (mean ± CI half-width; red boxes: bad pairings, dashed: uncertain)")
     doc.h(2, "Per backbone (over its optimizers, worst result removed)")
     doc.table(["backbone", "optimizers", "best", "worst (optimizer)", "mean", "std", "range", "bad pairings"],
               [[s.name, s.n, s.best, f"{s.worst:.2f} ({s.worst_of})", s.mean, s.std, s.range, s.flagged]
