@@ -311,3 +311,33 @@ def test_plan_resolves_recipe_paths_from_another_folder(tmp_path):
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "12 cells" in proc.stdout + proc.stderr
+
+
+def test_a_committed_results_table_counts_as_done_on_a_new_machine(tmp_path, monkeypatch):
+    """With `results:`, run writes each finished cell's row to a table kept in the repository; a fresh checkout (no
+    cell folders) plans those cells as done and does not run them again, and collect keeps their rows."""
+    import importlib
+    monkeypatch.setattr(importlib.import_module("ssl_bocb.sweep.plan"), "REPO_ROOT", str(tmp_path / "repo"))
+    path = write_sweep(tmp_path, name="c", results="studies/c/results.csv",
+                       axes={"optimizer": {"key": "optim.name", "values": ["sgd"]}})
+    table = tmp_path / "repo" / "studies" / "c" / "results.csv"
+    p = plan(path)
+    from ssl_bocb.sweep import collect, run_local
+    out = run_local(p, progress=False, on_done=lambda cell: collect(p))
+    assert out["done"] == [p.cells[0].id] and table.is_file()
+    (row,) = list(csv.DictReader(open(table)))
+    assert row["state"] == "done" and row["stage_hashes"] == p.cells[0].stage_hashes and float(row["knn_top1"]) >= 0
+    import shutil
+    shutil.rmtree(p.output_dir)  # a new machine: the table is there, the cell folders are not
+    again = plan(path)
+    assert again.cells[0].committed is not None and cell_status(again.cells[0])["state"] == "done"
+    assert run_local(again, progress=False)["done"] == [again.cells[0].id]
+    assert not os.path.exists(again.cells[0].folder)  # nothing ran
+    collect(again)
+    (kept,) = list(csv.DictReader(open(table)))
+    assert kept["knn_top1"] == row["knn_top1"] and kept["hash"] == row["hash"]
+    # a changed stage config is not the committed result: that cell runs again
+    changed = write_sweep(tmp_path, name="c", results="studies/c/results.csv",
+                          axes={"optimizer": {"key": "optim.name", "values": ["sgd"]}},
+                          stages={"knn": {"overrides": ["test_subset=4", "knn.ks=[3]", "knn.k=3"]}})
+    assert plan(changed).cells[0].committed is None

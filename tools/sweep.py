@@ -37,7 +37,8 @@ def print_cells(p, with_error: bool = True) -> dict:
     for c in p.cells:
         st = cell_status(c)
         counts[st["state"]] = counts.get(st["state"], 0) + 1
-        left = "" if st["state"] == "done" else "left: " + ",".join(st["left"])
+        left = ("committed (done elsewhere)" if st.get("committed") else "" if st["state"] == "done"
+                else "left: " + ",".join(st["left"]))
         detail = st["error"] if with_error and st["state"] in ("failed", "interrupted") else _progress(c)
         print(f"{c.id:{width}s}  {st['state']:11s}  {left:32s}  {detail}".rstrip())
     print(f"{len(p.cells)} cells: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) +
@@ -97,7 +98,9 @@ def main(argv=None):
             raise UserError(f"--parallel must be >= 1, got {args.parallel}")
         cells = [p.find(c) for c in args.cells] if args.cells else None
         try:
-            outcome = run_local(p, args.parallel, args.retry_failed, cells)
+            # with a committed results table, each finished cell's row is written there as it comes in
+            outcome = run_local(p, args.parallel, args.retry_failed, cells,
+                                on_done=(lambda cell: collect(p)) if p.results else None)
         finally:
             paths = collect(p)
         with open(paths["md"]) as f:

@@ -32,10 +32,27 @@ def _fmt(v, digits: int = 2) -> str:
     return str(v)
 
 
+def _committed_row(cell) -> Dict:
+    """A cell done on another machine: its row of the committed results table, numbers read back as numbers."""
+    row = {}
+    for k, v in cell.committed.items():
+        if k in ("cell", "hash", "state", "error", "folder", "stage_hashes", "timm_model", "optim_name") or \
+                k in cell.labels or v == "":
+            row[k] = v if v != "" else None
+            continue
+        try:
+            row[k] = int(v) if v.lstrip("-").isdigit() else float(v)
+        except ValueError:
+            row[k] = v
+    return row
+
+
 def cell_row(plan: Plan, cell) -> Dict:
     st = cell_status(cell)
+    if st.get("committed"):
+        return _committed_row(cell)
     rec = st["record"]
-    row = {"cell": cell.name, "hash": cell.hash}
+    row = {"cell": cell.name, "hash": cell.hash, "stage_hashes": cell.stage_hashes}
     row.update({k: v for k, v in cell.labels.items()})
     row.update(timm_model=cell.values["backbone"], optim_name=cell.values["optimizer"], state=st["state"])
     epochs = read_jsonl(os.path.join(cell.folder, "log.jsonl")) if os.path.isdir(cell.folder) else []
@@ -72,12 +89,12 @@ def columns(plan: Plan, rows: List[Dict]) -> List[str]:
     timing = [k for k in ("pretrain_s", "knn_s", "linprobe_s", "finetune_s") if any(k in r for r in rows)]
     events = [k for k in EVENTS + FINETUNE_EVENTS if any(k in r for r in rows)]
     return (["cell", "hash"] + label_keys + ["timm_model", "optim_name", "state"] + metric_cols + PRETRAIN +
-            events + ["epochs_done"] + timing + ["wall_s", "error", "folder"])
+            events + ["epochs_done"] + timing + ["wall_s", "error", "folder", "stage_hashes"])
 
 
 def markdown(plan: Plan, rows: List[Dict], cols: List[str]) -> str:
     shown = [c for c in cols if c not in ("cell", "hash", "folder", "timm_model", "optim_name", "epochs_done",
-                                           "pretrain_s", "knn_s", "linprobe_s", "finetune_s")]
+                                           "pretrain_s", "knn_s", "linprobe_s", "finetune_s", "stage_hashes")]
     head = {"final_loss": "final loss", "images_per_s": "img/s", "peak_mem_mb": "peak MB", "wall_s": "wall s",
             "grad_spikes": "grad spikes", "knn_dips": "kNN dips", "nonfinite_steps": "NaN steps",
             "rollbacks": "rollbacks", "finetune_grad_spikes": "FT grad spikes", "finetune_top1_dips": "FT top-1 dips",
@@ -147,6 +164,27 @@ def heatmap(plan: Plan, rows: List[Dict], out: str):
     return path
 
 
+def write_csv(path: str, rows: List[Dict], cols: List[str]) -> None:
+    with open(path + ".tmp", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in cols})
+    os.replace(path + ".tmp", path)
+
+
+def write_committed(plan: Plan, rows: List[Dict], cols: List[str]) -> str:
+    """The sweep's committed results table: this plan's done cells, and the rows of cells it does not plan now
+    (other seeds, say) kept as they were."""
+    from .plan import read_committed
+    ids = {f"{c.name}-{c.hash}" for c in plan.cells}
+    kept = [r for k, r in read_committed(plan.results).items() if k not in ids]
+    done = [r for r in rows if r.get("state") == "done"]
+    os.makedirs(os.path.dirname(plan.results), exist_ok=True)
+    write_csv(plan.results, done + kept, cols)
+    return plan.results
+
+
 def collect(plan: Plan) -> Dict[str, str]:
     out = plan.output_dir
     os.makedirs(out, exist_ok=True)
@@ -154,12 +192,9 @@ def collect(plan: Plan) -> Dict[str, str]:
     cols = columns(plan, rows)
     paths = {}
     paths["csv"] = os.path.join(out, "results.csv")
-    with open(paths["csv"] + ".tmp", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in cols})
-    os.replace(paths["csv"] + ".tmp", paths["csv"])
+    write_csv(paths["csv"], rows, cols)
+    if plan.results:
+        paths["committed"] = write_committed(plan, rows, cols)
     paths["md"] = os.path.join(out, "results.md")
     with open(paths["md"], "w") as f:
         f.write(markdown(plan, rows, cols))

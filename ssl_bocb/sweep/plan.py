@@ -21,6 +21,11 @@ A sweep file (``configs/sweeps/*.yaml``)::
       knn: {config: configs/eval/cifar10.yaml, overrides: [test_subset=100]}
       linprobe: {overrides: [linear.epochs=30]}
     resources: {parallel: 2, threads: 1}
+    results: studies/cpu_mini/results.csv  # optional: a results table kept in the repository (committed)
+
+With ``results``, ``collect`` (and ``run``, after every finished cell) also writes the table there (a path relative
+to the repository), and a cell whose row in that table has its hash and its stages' hashes counts as done
+(``committed``) without its folder: a study committed from one machine is not run again on another.
 
 Precedence inside a cell: recipe files < the axes' overlay files < ``overrides`` < the axes' key=value overrides <
 the grid point < the seed. A cell's name joins its axis values (``value`` when it reads alone, ``axis=value`` when
@@ -104,6 +109,7 @@ class SweepConfig:
     seeds: List[int] = field(default_factory=lambda: [0])
     stages: Dict[str, Any] = field(default_factory=dict)
     resources: Resources = field(default_factory=Resources)
+    results: str = ""
 
 
 @dataclass
@@ -131,10 +137,16 @@ class Cell:
     overrides: List[str]
     stages: List[Stage]
     values: Dict[str, Any] = field(default_factory=dict)  # resolved keys worth a column (optimizer, lr, ...)
+    committed: Optional[Dict[str, str]] = None  # its row in the sweep's committed results table, when it is there
 
     @property
     def id(self) -> str:
         return os.path.basename(self.folder)
+
+    @property
+    def stage_hashes(self) -> str:
+        """The stages and their config hashes, as the results table records them."""
+        return " ".join(f"{s.name}:{s.hash}" for s in self.stages)
 
 
 @dataclass
@@ -147,6 +159,7 @@ class Plan:
     resources: Resources
     extra: List[str]                   # key=value given on the command line, for every cell
     seeds: Optional[List[int]] = None  # --seeds given on the command line (None: the file's seeds)
+    results: str = ""                  # the committed results table (absolute path), or ""
 
     def find(self, cell_id: str) -> Cell:
         for c in self.cells:
@@ -367,8 +380,27 @@ def plan(path: str, extra: List[str] = (), seeds: Optional[List[int]] = None) ->
     unused = [o for o in sweep.grid if o not in used]
     if unused:
         raise UserError(f"grid.{unused[0]} matches no cell's optimizer (the cells use {', '.join(sorted(used))})")
+    results = os.path.join(REPO_ROOT, sweep.results) if sweep.results else ""
+    if results:
+        committed = read_committed(results)
+        for c in cells:
+            row = committed.get(f"{c.name}-{c.hash}")
+            if row is not None and row.get("stage_hashes", "") == c.stage_hashes and row.get("state") == "done":
+                c.committed = row
     return Plan(sweep.name, os.path.abspath(path), sweep.output_dir, names, cells, sweep.resources, list(extra),
-                None if seeds is None else list(seeds))
+                None if seeds is None else list(seeds), results)
+
+
+def read_committed(path: str) -> Dict[str, Dict[str, str]]:
+    """The rows of a committed results table by cell id (``<name>-<hash8>``); {} when there is none."""
+    import csv
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, newline="") as f:
+            return {f"{r['cell']}-{r['hash']}": r for r in csv.DictReader(f) if r.get("cell") and r.get("hash")}
+    except (OSError, csv.Error, KeyError) as e:
+        raise UserError(f"cannot read the committed results table '{path}' ({e}); restore it from git") from None
 
 
 def _cell(sweep, base, files, overrides, labels, where, seen) -> Cell:

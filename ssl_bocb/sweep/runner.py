@@ -124,6 +124,8 @@ def cell_status(cell: Cell) -> Dict:
     """done | running | failed | interrupted (partial) | pending, with what is left and the error line."""
     rec = read_record(cell)
     left = pending_stages(cell, rec)
+    if left and cell.committed is not None:  # done on another machine: its row is in the committed results table
+        return dict(state="done", left=[], error="", record=rec, committed=True)
     if not left:
         state = "done"
     elif os.path.isdir(cell.folder) and CellLock(cell).held_elsewhere():
@@ -289,8 +291,10 @@ def gpu_slots(res: Resources, parallel: int) -> List[Optional[List[int]]]:
 
 
 def run_local(plan: Plan, parallel: Optional[int] = None, retry_failed: bool = False,
-              cells: Optional[List[Cell]] = None, progress: bool = True) -> Dict[str, List[str]]:
-    """Run every cell that is not done, ``parallel`` at a time; returns {state: [cell ids]}."""
+              cells: Optional[List[Cell]] = None, progress: bool = True,
+              on_done: Optional[Callable[[Cell], None]] = None) -> Dict[str, List[str]]:
+    """Run every cell that is not done, ``parallel`` at a time; returns {state: [cell ids]}. ``on_done`` is called
+    (in this thread) after each cell that finished, e.g. to update the results table as cells come in."""
     from tqdm.auto import tqdm
     res = plan.resources
     parallel = parallel or res.parallel
@@ -350,6 +354,8 @@ def run_local(plan: Plan, parallel: Optional[int] = None, retry_failed: bool = F
             outcome[state].append(cell.id)
             if state == "failed":
                 log.warning("cell %s failed: %s", cell.id, read_record(cell).get("error", ""))
+            elif state == "done" and on_done is not None:
+                on_done(cell)
             bar.update(1)
             bar.set_postfix(failed=len(outcome["failed"]), refresh=False)
     except KeyboardInterrupt:
