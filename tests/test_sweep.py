@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import yaml
 
@@ -341,3 +342,18 @@ def test_a_committed_results_table_counts_as_done_on_a_new_machine(tmp_path, mon
                           axes={"optimizer": {"key": "optim.name", "values": ["sgd"]}},
                           stages={"knn": {"overrides": ["test_subset=4", "knn.ks=[3]", "knn.k=3"]}})
     assert plan(changed).cells[0].committed is None
+
+
+def test_baselines_read_each_backbone_variant_at_random_init_as_the_knn_stage(tmp_path):
+    path = write_sweep(tmp_path, name="b", axes={"optimizer": {"key": "optim.name", "values": ["sgd", "adamw"]},
+                                                 "frozen-patch": {"off": ["model.frozen_patch_embed=false"],
+                                                                  "on": ["model.frozen_patch_embed=true"]}},
+                       seeds=[0, 1])
+    proc = sweep_cli("baselines", path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.load(open(tmp_path / "out" / "b" / "random_init.json"))
+    variants = ["vit_tiny_patch16_224 frozen-patch=off", "vit_tiny_patch16_224 frozen-patch=on"]
+    assert sorted(k for k in out if k != "per_seed") == variants
+    assert set(out["per_seed"][variants[0]]) == {"0", "1"}  # once per seed, not per optimizer
+    assert out[variants[0]] == pytest.approx(np.mean(list(out["per_seed"][variants[0]].values())))
+    assert all(0 <= v <= 100 for v in out["per_seed"][variants[1]].values())

@@ -6,6 +6,7 @@
     python tools/sweep.py status  configs/sweeps/cpu_mini.yaml data.root=../shared/data
     python tools/sweep.py collect configs/sweeps/cpu_mini.yaml data.root=../shared/data   # results.csv / .md / .png
     python tools/sweep.py submit  configs/sweeps/cpu_mini.yaml data.root=/data            # SLURM job array
+    python tools/sweep.py baselines configs/sweeps/cpu_mini.yaml data.root=../shared/data # random-init kNN
 
 key=value overrides apply to every cell (and to every stage's data keys); pass the same ones (and the same --seeds)
 to every subcommand, since they are part of what the cells are (paths, worker counts and logging are not part of a
@@ -57,7 +58,9 @@ def main(argv=None):
                        ("submit", "submit the cells that are not done as one SLURM job array (submitit)"),
                        ("status", "state of every cell: done, running, interrupted, failed (with its error), pending"),
                        ("collect", "write results.csv, results.md, results.json, results.png and TensorBoard "
-                                   "HParams")):
+                                   "HParams"),
+                       ("baselines", "kNN of every backbone variant at random init, read as the knn stage reads the "
+                                     "cells, per seed: random_init.json")):
         sp = sub.add_parser(name, help=text, description=text)
         sp.add_argument("sweep", help="sweep file, e.g. configs/sweeps/cpu_mini.yaml")
         sp.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for every cell")
@@ -93,6 +96,10 @@ def main(argv=None):
         with open(paths["md"]) as f:
             print(f.read())
         print("\n".join(f"{k}: {v}" for k, v in paths.items()))
+    elif args.command == "baselines":
+        from ssl_bocb.sweep.baselines import random_init
+        out = random_init(p)
+        print(json.dumps({k: v for k, v in out.items() if k != "per_seed"}, indent=2))
     elif args.command == "run":
         if args.parallel is not None and args.parallel < 1:
             raise UserError(f"--parallel must be >= 1, got {args.parallel}")
