@@ -337,6 +337,9 @@ def test_a_committed_results_table_counts_as_done_on_a_new_machine(tmp_path, mon
     collect(again)
     (kept,) = list(csv.DictReader(open(table)))
     assert kept["knn_top1"] == row["knn_top1"] and kept["hash"] == row["hash"]
+    from ssl_bocb.analysis.report import analyze  # the committed table alone is a source for the report
+    report = json.load(open(analyze(str(table), str(tmp_path / "report"), progress=False)["json"]))
+    assert report["kind"] == "sweep" and report["study"]["cells"][0]["mean"] == pytest.approx(float(row["knn_top1"]))
     # a changed stage config is not the committed result: that cell runs again
     changed = write_sweep(tmp_path, name="c", results="studies/c/results.csv",
                           axes={"optimizer": {"key": "optim.name", "values": ["sgd"]}},

@@ -81,21 +81,22 @@ def load_source(path: str, metric: Optional[str] = None) -> Source:
             raw = list(reader)
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise UserError(f"cannot read '{csv_path}' as CSV ({e})") from None
-    if kind == "sweep" and "timm_model" in header and "hash" in header:
+    if "timm_model" in header and "hash" in header:  # a sweep's table, also as a file (a committed study's)
         return _sweep_rows(path, header, raw, metric)
     return _csv_rows(csv_path, header, raw, metric)
 
 
 def _sweep_rows(path, header, raw, metric) -> Source:
+    table = path if os.path.isfile(path) else os.path.join(path, "results.csv")
     axes = header[header.index("hash") + 1:header.index("timm_model")]
     metrics = [m for m in METRICS if m in header and any(_num(r.get(m)) is not None for r in raw)]
     if metric is None:
         if not metrics:
-            raise UserError(f"'{path}/results.csv' has no kNN, linear-probe or fine-tune results yet; run the sweep "
+            raise UserError(f"'{table}' has no kNN, linear-probe or fine-tune results yet; run the sweep "
                             f"(tools/sweep.py run) first")
         metric = metrics[0]
     elif metric not in header:
-        raise UserError(f"metric '{metric}' is not a column of {path}/results.csv (it has: {', '.join(metrics)})")
+        raise UserError(f"metric '{metric}' is not a column of {table} (it has: {', '.join(metrics)})")
     extra_axes = [a for a in axes if a not in ("backbone", "optimizer", "seed", "lr", "wd")]
     # other axes (ablations) make backbone variants, named only by the axes that vary for that backbone
     values: Dict[Tuple[str, str], set] = {}
