@@ -60,7 +60,7 @@ def main(argv=None):
                        ("collect", "write results.csv, results.md, results.json, results.png and TensorBoard "
                                    "HParams"),
                        ("baselines", "kNN of every backbone variant at random init, read as the knn stage reads the "
-                                     "cells, per seed: random_init.json")):
+                                     "cells: random_init.json")):
         sp = sub.add_parser(name, help=text, description=text)
         sp.add_argument("sweep", help="sweep file, e.g. configs/sweeps/cpu_mini.yaml")
         sp.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for every cell")
@@ -98,8 +98,7 @@ def main(argv=None):
         print("\n".join(f"{k}: {v}" for k, v in paths.items()))
     elif args.command == "baselines":
         from ssl_bocb.sweep.baselines import random_init
-        out = random_init(p)
-        print(json.dumps({k: v for k, v in out.items() if k != "per_seed"}, indent=2))
+        print(json.dumps(random_init(p), indent=2))
     elif args.command == "run":
         if args.parallel is not None and args.parallel < 1:
             raise UserError(f"--parallel must be >= 1, got {args.parallel}")

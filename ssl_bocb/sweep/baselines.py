@@ -1,14 +1,13 @@
 """The random-init baseline of a sweep: every backbone variant's kNN top-1 before any pretraining, evaluated exactly
-as the sweep's kNN stage evaluates its cells (same eval config, same bank and test images), once per seed (the
-seed draws the initial weights). A study reads each cell's gain against it."""
+as the sweep's kNN stage evaluates its cells (same eval config, same bank and test images). The evaluation tools
+draw a random-init backbone with seed 0 whatever ``seed`` says (``eval.features.load_eval_backbone``: one baseline
+every result is read against), so there is one reading per variant. A study reads each cell's gain against it."""
 from __future__ import annotations
 
 import json
 import logging
 import os
 from typing import Dict, List
-
-import numpy as np
 
 from .. import config
 from ..errors import UserError
@@ -27,31 +26,25 @@ def variant(plan: Plan, cell: Cell) -> str:
     return " ".join([backbone] + [f"{a}={cell.labels[a]}" for a in varying])
 
 
-def random_init(plan: Plan) -> Dict:
-    """Run the kNN stage on each backbone variant at random init, for each seed of the plan; writes and returns
-    ``{variant: mean top-1, ..., "per_seed": {variant: {seed: top-1}}}`` in ``<output_dir>/random_init.json`` (and
-    beside the committed results table)."""
+def random_init(plan: Plan) -> Dict[str, float]:
+    """Run the kNN stage on each backbone variant at random init; writes and returns ``{variant: top-1}`` in
+    ``<output_dir>/random_init.json`` (and beside the committed results table)."""
     from ..eval.stages import run_knn
     if not plan.cells or not any(s.name == "knn" for s in plan.cells[0].stages):
         raise UserError(f"sweep {plan.name} has no knn stage: the random-init baseline is read with it")
-    per_seed: Dict[str, Dict[str, float]] = {}
-    seen = set()
+    out: Dict[str, float] = {}
     for cell in plan.cells:
-        key, seed = variant(plan, cell), cell.labels["seed"]
-        if (key, seed) in seen:
+        key = variant(plan, cell)
+        if key in out:
             continue
-        seen.add((key, seed))
         pre = config.load(config.PretrainConfig, cell.files, cell.overrides)
         model = config.to_dict(pre.model)
         stage = next(s for s in cell.stages if s.name == "knn")
-        folder = os.path.join(plan.output_dir, "random_init", f"{key.replace(' ', '_').replace('=', '-')}-s{seed}")
+        folder = os.path.join(plan.output_dir, "random_init", key.replace(" ", "_").replace("=", "-"))
         overrides = stage.overrides + [f"model.{k}={json.dumps(v)}" for k, v in model.items()] + [
             f"output_dir={folder}", "overwrite=true"]
-        log.info("random init of %s, seed %s: kNN as the sweep's stage reads it", key, seed)
-        metrics = run_knn(config.load(config.EvalConfig, stage.files, overrides))
-        per_seed.setdefault(key, {})[seed] = metrics["top1"]
-    out: Dict = {k: float(np.mean(list(v.values()))) for k, v in per_seed.items()}
-    out["per_seed"] = per_seed
+        log.info("random init of %s: kNN as the sweep's stage reads it", key)
+        out[key] = run_knn(config.load(config.EvalConfig, stage.files, overrides))["top1"]
     paths: List[str] = [os.path.join(plan.output_dir, "random_init.json")]
     if plan.results:
         paths.append(os.path.join(os.path.dirname(plan.results), "random_init.json"))
