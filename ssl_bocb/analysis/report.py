@@ -251,7 +251,8 @@ def fig_heatmap(study: bocb.Study, metric: str, path: str) -> str:
         text = f"{c.mean:.1f}" + (f"\n±{half:.1f}" if half is not None else "")
         ax.text(j, i, text, ha="center", va="center", color="w", fontsize=7)
         if c.flagged:
-            ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="red", lw=2.5,
+            # inset, so that the boxes of neighbouring cells do not share (and blur) an edge
+            ax.add_patch(plt.Rectangle((j - 0.45, i - 0.45), 0.9, 0.9, fill=False, ec="red", lw=2.5,
                                        ls="--" if c.uncertain else "-"))
     fig.colorbar(im, ax=ax, label=f"{metric} (%)")
     ax.set_title(f"{metric}: mean over seeds (red box: bad pairing, dashed: uncertain; {study.rule.rule})",
