@@ -69,9 +69,8 @@ def load_source(path: str, metric: Optional[str] = None) -> Source:
         if not os.path.isfile(csv_path):
             raise UserError(f"'{path}' has no results.csv; run `tools/sweep.py collect <sweep file>` first, or pass "
                             f"a CSV of backbone, optimizer, seed, lr, wd, score rows")
-        kind = "sweep"
     elif os.path.isfile(path):
-        csv_path, kind = path, "csv"
+        csv_path = path
     else:
         raise UserError(f"'{path}' does not exist; pass a sweep folder (with results.csv) or a CSV file")
     try:

@@ -23,7 +23,7 @@ from ..optim import group_summary, optimizer_from_cfg, record, resolve
 from ..optim import schedules
 from . import checkpoint as ckpt
 from . import logs
-from .loop import LoopSettings, Task, TrainLoop, check_same_schedule, epoch_batches  # noqa: F401 (re-exported)
+from .loop import LoopSettings, Task, TrainLoop, check_same_schedule
 from .setup import (log_optimizer, make_accelerator, open_run_folder, resolve_run_folder,  # noqa: F401
                     shared_path)
 from .step import StepSettings, moco_loss_fn
