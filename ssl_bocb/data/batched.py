@@ -30,6 +30,7 @@ _SOLARIZE = _BLUR + 2
 _DRAWS = _SOLARIZE + 1
 _MASK64 = (1 << 64) - 1
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
+_GRAY_WEIGHTS_ON = {}
 
 
 def _mix64(z: np.ndarray) -> np.ndarray:
@@ -101,7 +102,10 @@ def _per_sample(v: torch.Tensor) -> torch.Tensor:
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
     """(n, 1, h, w) luma with torchvision's weights."""
-    w = torch.tensor(GRAY_WEIGHTS, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    key = (str(x.device), x.dtype)
+    if key not in _GRAY_WEIGHTS_ON:  # made once per device: a per-call upload would be a host sync
+        _GRAY_WEIGHTS_ON[key] = torch.tensor(GRAY_WEIGHTS, dtype=x.dtype).view(1, 3, 1, 1).to(x.device)
+    w = _GRAY_WEIGHTS_ON[key]
     return (x * w).sum(1, keepdim=True)
 
 
@@ -142,15 +146,21 @@ def hue(x, shift):
 JITTER_OPS = (brightness, contrast, saturation, hue)
 
 
-def color_jitter(x, apply, factors, order):
-    """ColorJitter(0.4, 0.4, 0.2, 0.1) where ``apply``: the four ops in each sample's own ``order``."""
+def color_jitter(x, factors, selected):
+    """ColorJitter(0.4, 0.4, 0.2, 0.1): ``selected[pos][op]`` holds the rows (a device index tensor, or None for
+    none) whose ``pos``-th op in their own order is ``op``, among the rows that jitter at all."""
     x = x.clone()
     for pos in range(4):
         for op in range(4):
-            sel = torch.nonzero(apply & (order[:, pos] == op)).squeeze(1)
-            if sel.numel():
+            sel = selected[pos][op]
+            if sel is not None:
                 x[sel] = JITTER_OPS[op](x[sel], factors[sel, op])
     return x
+
+
+def jitter_rows(apply: np.ndarray, order: np.ndarray) -> list:
+    """Host-side row numbers for :func:`color_jitter`: [pos][op] -> int64 array."""
+    return [[np.flatnonzero(apply & (order[:, pos] == op)) for op in range(4)] for pos in range(4)]
 
 
 def blur_kernel_size(sigma_max: float) -> int:
@@ -182,6 +192,7 @@ class BatchedTwoViews:
         self.blur_p = (1.0, 0.1) if blur else (0.0, 0.0)
         self.solarize_p = (0.0, 0.2) if solarize else (0.0, 0.0)
         self.kernel = blur_kernel_size(sigma[1])
+        self._consts = {}
 
     @classmethod
     def from_cfg(cls, data_cfg, seed: int):
@@ -190,8 +201,8 @@ class BatchedTwoViews:
         return cls(data_cfg.image_size, data_cfg.crop_min, mean, std, blur_enabled(data_cfg), data_cfg.solarize,
                    seed)
 
-    def params(self, index, epoch: int, height: int, width: int, device=None) -> list:
-        """Per view, a dict of the batch's parameters (tensors on ``device``)."""
+    def host_params(self, index, epoch: int, height: int, width: int) -> list:
+        """Per view, a dict of the batch's parameters (host numpy arrays)."""
         u = uniforms(self.seed, epoch, index, 2, _DRAWS)
         out = []
         for v in range(2):
@@ -207,38 +218,93 @@ class BatchedTwoViews:
                      blur=uv[:, _BLUR] < self.blur_p[v],
                      sigma=self.sigma[0] + uv[:, _BLUR + 1] * (self.sigma[1] - self.sigma[0]),
                      solarize=uv[:, _SOLARIZE] < self.solarize_p[v])
-            out.append({k: torch.as_tensor(a, device=device, dtype=torch.float32 if a.dtype == np.float64 else None)
-                        for k, a in p.items()})
+            out.append(p)
         return out
 
-    def view(self, x: torch.Tensor, p: dict, normalize: bool = True) -> torch.Tensor:
+    def params(self, index, epoch: int, height: int, width: int, device=None) -> list:
+        """Per view, a dict of the batch's parameters (tensors on ``device``)."""
+        return [{k: torch.as_tensor(a, device=device, dtype=torch.float32 if a.dtype == np.float64 else None)
+                 for k, a in p.items()} for p in self.host_params(index, epoch, height, width)]
+
+    @staticmethod
+    def rows(p: dict) -> dict:
+        """The row numbers (host int64 arrays) each selective op applies to, from host parameters ``p``."""
+        return dict(jitter=jitter_rows(p["jitter"], p["order"]), gray=np.flatnonzero(p["gray"]),
+                    blur=np.flatnonzero(p["blur"]), solarize=np.flatnonzero(p["solarize"]))
+
+    def view(self, x: torch.Tensor, p: dict, normalize: bool = True, rows: Optional[dict] = None) -> torch.Tensor:
         """Views of the float (n, 3, h, w) batch in [0, 1] with parameters ``p`` (one row per output image; ``x``
-        is repeated when ``p`` has a multiple of its rows: both views of a batch are computed as one)."""
+        is repeated when ``p`` has a multiple of its rows: both views of a batch are computed as one). ``rows``:
+        the device index tensors of :meth:`upload` (None: found from ``p``, which reads it on the host)."""
         if len(p["flip"]) != len(x):
             x = x.repeat(len(p["flip"]) // len(x), 1, 1, 1)
+        if rows is None:
+            host = {k: p[k].cpu().numpy() for k in ("jitter", "order", "gray", "blur", "solarize")}
+            rows = self._to_device(self.rows(host), x.device)
         y = resized_crop(x, p["boxes"], self.size, p["flip"])
-        y = color_jitter(y, p["jitter"], p["factors"], p["order"])
-        sel = torch.nonzero(p["gray"]).squeeze(1)
-        if sel.numel():
+        y = color_jitter(y, p["factors"], rows["jitter"])
+        sel = rows["gray"]
+        if sel is not None:
             y[sel] = grayscale(y[sel]).expand(-1, 3, -1, -1)
-        sel = torch.nonzero(p["blur"]).squeeze(1)
-        if sel.numel():
+        sel = rows["blur"]
+        if sel is not None:
             y[sel] = gaussian_blur(y[sel], p["sigma"][sel], self.kernel)
-        sel = torch.nonzero(p["solarize"]).squeeze(1)
-        if sel.numel():
+        sel = rows["solarize"]
+        if sel is not None:
             z = y[sel]
             y[sel] = torch.where(z >= 128 / 255, 1 - z, z)
         if normalize:
-            inv = torch.tensor([1 / s for s in self.std], device=y.device).view(1, 3, 1, 1)
-            shift = torch.tensor([-m / s for m, s in zip(self.mean, self.std)], device=y.device).view(1, 3, 1, 1)
+            inv, shift = self._constants(y.device)
             y = torch.addcmul(shift, y, inv)
         return y
 
+    def _constants(self, device):
+        """The normalisation's scale and shift on ``device``, made once (a per-call upload would be a host sync)."""
+        key = str(device)
+        if key not in self._consts:
+            inv = torch.tensor([1 / s for s in self.std]).view(1, 3, 1, 1)
+            shift = torch.tensor([-m / s for m, s in zip(self.mean, self.std)]).view(1, 3, 1, 1)
+            self._consts[key] = (inv.to(device), shift.to(device))
+        return self._consts[key]
+
+    @staticmethod
+    def _to_device(rows: dict, device) -> dict:
+        """All row numbers in one host buffer, one copy to ``device`` (pinned and asynchronous on a GPU), then split
+        there at offsets known on the host: no read back, and an empty selection is None."""
+        flat = [rows["jitter"][pos][op] for pos in range(4) for op in range(4)] + \
+            [rows[k] for k in ("gray", "blur", "solarize")]
+        host = torch.from_numpy(np.concatenate(flat).astype(np.int64))
+        dev = upload(host, device)
+        out, at = [], 0
+        for a in flat:
+            out.append(dev[at:at + len(a)] if len(a) else None)
+            at += len(a)
+        return dict(jitter=[out[4 * pos:4 * pos + 4] for pos in range(4)], gray=out[16], blur=out[17],
+                    solarize=out[18])
+
+    def upload(self, p: dict, device) -> Tuple[dict, dict]:
+        """Host parameters ``p`` -> (the device tensors :meth:`view` reads, the device row numbers): two copies."""
+        packed = np.concatenate([p["boxes"].astype(np.float32), p["flip"][:, None].astype(np.float32),
+                                 p["factors"].astype(np.float32), p["sigma"][:, None].astype(np.float32)], 1)
+        dev = upload(torch.from_numpy(np.ascontiguousarray(packed)), device)
+        params = dict(boxes=dev[:, 0:4], flip=dev[:, 4] > 0.5, factors=dev[:, 5:9], sigma=dev[:, 9])
+        return params, self._to_device(self.rows(p), device)
+
     def __call__(self, images: torch.Tensor, index, epoch: int, device: Optional[torch.device] = None):
-        """(view1, view2) float32 (n, 3, size, size) on ``device`` from uint8 (n, h, w, 3) ``images``."""
+        """(view1, view2) float32 (n, 3, size, size) on ``device`` from uint8 (n, h, w, 3) ``images``. ``index``
+        (the samples' positions) is read on the host: pass it as a host array or list, not a device tensor."""
         device = device or images.device
         x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
         index = index.tolist() if torch.is_tensor(index) else list(index)
-        p1, p2 = self.params(index, epoch, x.shape[2], x.shape[3], device)
-        y = self.view(x, {k: torch.cat([p1[k], p2[k]]) for k in p1})  # both views in one pass
+        p1, p2 = self.host_params(index, epoch, x.shape[2], x.shape[3])
+        params, rows = self.upload({k: np.concatenate([p1[k], p2[k]]) for k in p1}, device)
+        y = self.view(x, params, rows=rows)  # both views in one pass
         return y[:len(x)], y[len(x):]
+
+
+def upload(host: torch.Tensor, device) -> torch.Tensor:
+    """``host`` on ``device`` without a host sync: through pinned memory, asynchronously, on a GPU."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)

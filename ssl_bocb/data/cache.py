@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -17,6 +18,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from ..dist import local_main_first
 from ..errors import UserError
 from .archive import default_cache_dir
 from .datasets import IMAGE_ERRORS, CIFAR10Files, build_base, per_class_subset
@@ -65,7 +67,8 @@ class DecodedImages(Dataset):
         src = self.source[idx]
         images = torch.from_numpy(np.ascontiguousarray(self.images[src]))
         labels = torch.as_tensor([self.targets[i] for i in src], dtype=torch.long)
-        return (images, torch.from_numpy(idx)), labels, torch.tensor(int(self.bad[idx].sum()))
+        # the positions stay a host array (the DataLoader's device placement leaves it): the augmentation reads them
+        return (images, idx), labels, torch.tensor(int(self.bad[idx].sum()))
 
     def __getitem__(self, i):
         (images, index), labels, bad = self.__getitems__([i])
@@ -90,6 +93,9 @@ def _decode_all(base, indices: List[int], size_limit: int, max_bytes: float, wha
         try:
             img, _ = base[j]
             arr = np.asarray(img.convert("RGB") if hasattr(img, "convert") else img, dtype=np.uint8)
+        except FileNotFoundError as e:  # listed, then gone: the data changed under the run, not a bad image
+            raise UserError(f"{e.filename or samples[j][0]} disappeared while decoding {what}; is something "
+                            f"changing the data folder? run again once it is stable") from None
         except IMAGE_ERRORS as e:
             bad[k] = True
             log.warning("skipping unreadable image %s (%s)", samples[j][0] if samples else f"item {j}", e)
@@ -111,7 +117,15 @@ def _decode_all(base, indices: List[int], size_limit: int, max_bytes: float, wha
 
 
 def decoded_dataset(data_cfg, split: str, subset: Optional[int] = None):
-    """(DecodedImages, None) for ``split`` when it can be held decoded, else (None, the reason)."""
+    """(DecodedImages, None) for ``split`` when it can be held decoded, else (None, the reason).
+
+    In a multi-process run the main process of each node decodes and writes the cache file first; the others wait
+    and memory-map it (one decoded copy per node, shared through the page cache)."""
+    with local_main_first():
+        return _decoded_dataset(data_cfg, split, subset)
+
+
+def _decoded_dataset(data_cfg, split: str, subset: Optional[int]):
     base = build_base(data_cfg, split)
     n = data_cfg.subset if subset is None else subset
     indices = per_class_subset(list(base.targets), n)
@@ -132,29 +146,55 @@ def decoded_dataset(data_cfg, split: str, subset: Optional[int] = None):
     files = [samples[i][0] for i in indices]
     folder = os.path.join(default_cache_dir(data_cfg.cache_dir), "decoded")
     stem = os.path.join(folder, f"{data_cfg.name}-{split}-{_file_key(data_cfg.name, split, files, n)}")
-    if os.path.isfile(stem + ".json"):
-        try:
-            with open(stem + ".json") as f:
-                meta = json.load(f)
-            images = np.load(stem + ".npy", mmap_mode="r")
-            if images.shape[0] == len(indices) and images.dtype == np.uint8:
-                log.info("decoded images: %s (memory-mapped)", stem + ".npy")
-                return DecodedImages(images, targets, classes, np.asarray(meta["bad"], bool)), None
-        except (OSError, ValueError, KeyError) as e:
-            log.warning("decoded cache %s unreadable (%s); decoding again", stem, e)
+    found = _read_cache(stem, len(indices))
+    if found is not None:
+        return DecodedImages(found[0], targets, classes, found[1]), None
     images, bad, why = _decode_all(base, indices, data_cfg.image_size, max_bytes, what)
     if images is None:
         return None, why
-    os.makedirs(folder, exist_ok=True)
-    tmp = f"{stem}.{os.getpid()}.tmp"
-    try:  # the .npy first, then the .json that marks it complete; both renamed into place
-        with open(tmp + ".npy", "wb") as f:
-            np.save(f, images)
-        os.replace(tmp + ".npy", stem + ".npy")
-        with open(tmp + ".json", "w") as f:
-            json.dump(dict(shape=list(images.shape), bad=bad.tolist(), files=len(files)), f)
-        os.replace(tmp + ".json", stem + ".json")
+    if _write_cache(stem, images, bad):
         log.info("decoded %d images into %s (%d unreadable)", len(files), stem + ".npy", int(bad.sum()))
+        found = _read_cache(stem, len(indices))  # memory-mapped: the decoded copy in memory is released
+        if found is not None:
+            images = found[0]
+    return DecodedImages(images, targets, classes, bad), None
+
+
+def _read_cache(stem: str, n: int):
+    """(memory-mapped images, unreadable mask) from a complete cache file (its .json written last), else None."""
+    if not os.path.isfile(stem + ".json"):
+        return None
+    try:
+        with open(stem + ".json") as f:
+            meta = json.load(f)
+        images = np.load(stem + ".npy", mmap_mode="r")
+        if images.shape[0] == n and images.dtype == np.uint8:
+            log.info("decoded images: %s (memory-mapped)", stem + ".npy")
+            return images, np.asarray(meta["bad"], bool)
+    except (OSError, ValueError, KeyError) as e:
+        log.warning("decoded cache %s unreadable (%s); decoding again", stem, e)
+    return None
+
+
+def _write_cache(stem: str, images: np.ndarray, bad: np.ndarray) -> bool:
+    """The .npy first, then the .json that marks it complete, each written under a unique temporary name (processes
+    on several nodes may share the folder) and renamed into place. False (and nothing left behind) on failure."""
+    folder, base = os.path.split(stem)
+    tmps = []
+    try:
+        os.makedirs(folder, exist_ok=True)
+        for ext, write in ((".npy", lambda f: np.save(f, images)),
+                           (".json", lambda f: f.write(json.dumps(dict(shape=list(images.shape), bad=bad.tolist()))
+                                                       .encode()))):
+            fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=folder)
+            tmps.append(tmp)
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+            os.replace(tmp, stem + ext)
+        return True
     except OSError as e:
         log.warning("could not write the decoded cache %s (%s); it is kept in memory for this run", stem, e)
-    return DecodedImages(images, targets, classes, bad), None
+        for tmp in tmps:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return False

@@ -15,6 +15,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets as tvd
 
+from ..dist import local_main_first
 from ..errors import UserError
 from .archive import unpack_once
 
@@ -251,10 +252,15 @@ class TransformedDataset(Dataset):
         base_targets = list(base.targets)
         self.targets = [base_targets[i] for i in self.indices]
         self.classes = list(getattr(base, "classes", []))
-        self.epoch = 0
+        # in shared memory: persistent DataLoader workers (forked once) read the epoch the main process sets
+        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch[0])
 
     def set_epoch(self, epoch: int):
-        self.epoch = epoch
+        self._epoch[0] = epoch
 
     def __len__(self):
         return len(self.indices)
@@ -283,8 +289,10 @@ class TransformedDataset(Dataset):
 
 
 def build_dataset(data_cfg, split: str, transform, seed: int = 0, subset: Optional[int] = None):
-    """Base dataset for ``split`` -> per-class subset (``data.subset`` unless given) -> transform wrapper."""
-    base = build_base(data_cfg, split)
+    """Base dataset for ``split`` -> per-class subset (``data.subset`` unless given) -> transform wrapper. In a
+    multi-process run the main process of each node builds it first (unpacking or downloading), then the others."""
+    with local_main_first():
+        base = build_base(data_cfg, split)
     n = data_cfg.subset if subset is None else subset
     ds = TransformedDataset(base, transform, seed, per_class_subset(list(base.targets), n))
     if len(ds) == 0:

@@ -6,6 +6,7 @@ from typing import Any, Callable, Dict, Optional
 import torch
 from torch.utils.data import Dataset
 
+from ..dist import local_main_first
 from ..errors import UserError
 from .batched import BatchedTwoViews
 from .cache import DecodedImages, decoded_dataset, keep_batch
@@ -42,6 +43,11 @@ class _TensorViews:
 
 def two_view_data(data_cfg, seed: int) -> TwoViewData:
     """``data.pipeline``: batched / pil, or auto (batched when the images can be held decoded)."""
+    with local_main_first():  # one process per node unpacks and decodes, the others reuse its files
+        return _two_view_data(data_cfg, seed)
+
+
+def _two_view_data(data_cfg, seed: int) -> TwoViewData:
     choice, reason = data_cfg.pipeline, ""
     if choice in ("auto", "batched"):
         dataset, reason = decoded_dataset(data_cfg, data_cfg.train_split)
@@ -53,7 +59,13 @@ def two_view_data(data_cfg, seed: int) -> TwoViewData:
                             f"data.pipeline=pil (or auto)")
         log.info("data.pipeline=auto chose the PIL path: %s", reason)
     dataset = build_dataset(data_cfg, data_cfg.train_split, pretrain_transform(data_cfg), seed=seed)
-    return TwoViewData(dataset, _pil_views, "pil", dict(num_workers=data_cfg.num_workers), reason)
+    return TwoViewData(dataset, _pil_views, "pil", worker_options(data_cfg.num_workers), reason)
+
+
+def worker_options(num_workers: int) -> dict:
+    """DataLoader options for ``num_workers`` workers, kept alive across epochs and passes (forked once per loader,
+    not at every epoch; TransformedDataset shares its epoch with them)."""
+    return dict(num_workers=num_workers, persistent_workers=num_workers > 0)
 
 
 class NormalisedImages(Dataset):
@@ -85,6 +97,11 @@ class NormalisedImages(Dataset):
 def eval_images(data_cfg, split: str, seed: int = 0, subset: Optional[int] = None):
     """The dataset feature extraction embeds: :class:`NormalisedImages` where the evaluation transform reduces to a
     normalisation and the images can be held decoded (``data.pipeline`` not pil), else the PIL transform."""
+    with local_main_first():
+        return _eval_images(data_cfg, split, seed, subset)
+
+
+def _eval_images(data_cfg, split: str, seed: int, subset: Optional[int]):
     if data_cfg.pipeline != "pil" and eval_resize(data_cfg.image_size) == data_cfg.image_size:
         images, _ = decoded_dataset(data_cfg, split, subset)
         if images is not None and images.image_shape == (data_cfg.image_size, data_cfg.image_size):

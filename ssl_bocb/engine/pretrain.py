@@ -25,7 +25,7 @@ from . import checkpoint as ckpt
 from . import logs
 from .loop import LoopSettings, Task, TrainLoop, check_same_schedule
 from .setup import (log_optimizer, make_accelerator, open_run_folder, resolve_run_folder,  # noqa: F401
-                    shared_path)
+                    seed_process_streams, shared_path)
 from .step import StepSettings, moco_loss_fn
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,7 @@ class PretrainTask(Task):
         self.groups = group_summary(optimizer.param_groups)
         self.optimizer_record = record(optimizer, self.resolved, self.lr)
         self.model, self.optimizer, self.loader = accelerator.prepare(model, optimizer, loader)
+        seed_process_streams(accelerator, cfg.seed)
         self.unwrapped = accelerator.unwrap_model(self.model)
         self.config = config_mod.to_dict(cfg)
         self.derived = self._derived(per_device)

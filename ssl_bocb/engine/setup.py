@@ -9,11 +9,12 @@ from typing import Optional
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, PartialState
-from accelerate.utils import DataLoaderConfiguration, broadcast_object_list
+from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed
 
 from .. import config as config_mod
 from ..data import order_seed
 from ..device import resolve_precision
+from ..dist import process_seed
 from ..errors import UserError
 from . import checkpoint as ckpt
 from . import logs
@@ -107,3 +108,11 @@ def log_optimizer(resolved, lr: float, batch_size: int, wd: float, wd_end: float
     if settings.first_layer:
         log.info("gradient clipping: the first layer only (%d tensors), norm <= %g", len(settings.first_layer),
                  settings.clip)
+
+
+def seed_process_streams(accelerator, seed: int) -> None:
+    """After the model is built (the same initial weights everywhere): each process draws from its own random
+    streams from here on (dist.process_seed; process 0 keeps ``seed``'s stream as it was). Checkpoints keep each
+    process's states (Accelerate's random_states_<i>.pkl), so a resume continues every stream exactly."""
+    if accelerator.process_index > 0:
+        set_seed(process_seed(seed, accelerator.process_index))

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from ..data import data_root
 from ..data.archive import default_cache_dir
+from ..data.pipeline import worker_options
 from ..device import use_channels_last
 from ..engine import checkpoint as ckpt
 from ..errors import UserError
@@ -83,21 +84,29 @@ def weights_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+def feature_loader(dataset, accelerator, batch_size: int = 256, num_workers: int = 2):
+    """The sharded, in-order loader :func:`extract_features` reads; build it once to embed the same data again (its
+    workers then stay alive between passes)."""
+    options = {**worker_options(num_workers), **getattr(dataset, "loader_kwargs", {})}  # decoded data: no workers
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, pin_memory=accelerator.device.type == "cuda",
+                        **options)
+    return accelerator.prepare_data_loader(loader)
+
+
 @torch.no_grad()
 def extract_features(backbone: nn.Module, dataset, accelerator, batch_size: int = 256, num_workers: int = 2,
-                     desc: str = "features", channels_last: Optional[bool] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                     desc: str = "features", channels_last: Optional[bool] = None,
+                     loader=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Backbone features in eval mode: [N, num_features] float32 and labels [N], in dataset order, on CPU.
 
     Runs through Accelerate: each process embeds its shard and ``gather_for_metrics`` drops the padding that
-    evens out the last batch. ``channels_last`` as ``train.channels_last`` (None = auto for the device).
+    evens out the last batch. ``channels_last`` as ``train.channels_last`` (None = auto for the device). ``loader``:
+    one from :func:`feature_loader` over ``dataset``, reused.
     """
-    options = {"num_workers": num_workers, **getattr(dataset, "loader_kwargs", {})}  # decoded data: no workers
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, pin_memory=accelerator.device.type == "cuda",
-                        **options)
     layout = (torch.channels_last if use_channels_last(channels_last, backbone, accelerator.device)
               else torch.contiguous_format)
     model = backbone.to(accelerator.device, memory_format=layout)
-    loader = accelerator.prepare_data_loader(loader)
+    loader = loader if loader is not None else feature_loader(dataset, accelerator, batch_size, num_workers)
     model.eval()
     feats, labels = [], []
     bar = tqdm(total=len(dataset), unit="img", unit_scale=True, desc=desc, disable=not accelerator.is_main_process,

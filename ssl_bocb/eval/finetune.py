@@ -23,10 +23,12 @@ from torch.utils.data import DataLoader
 
 from ..config import scaled_lr, to_dict
 from ..data import build_dataset, eval_transform, norm_stats
+from ..data.pipeline import worker_options
 from ..engine import checkpoint as ckpt
 from ..engine import logs
 from ..engine.loop import LoopSettings, Task, TrainLoop
-from ..engine.setup import log_optimizer, make_accelerator, open_run_folder, resolve_run_folder
+from ..engine.setup import (log_optimizer, make_accelerator, open_run_folder, resolve_run_folder,
+                            seed_process_streams)
 from ..engine.step import StepSettings
 from ..errors import UserError
 from ..models.backbones import create_from_spec
@@ -117,12 +119,14 @@ class FinetuneTask(Task):
         self.groups = group_summary(optimizer.param_groups)
         self.optimizer_record = record(optimizer, self.resolved, self.lr)
         train_loader = DataLoader(self.dataset, batch_size=per_device, shuffle=True, drop_last=True,
-                                  num_workers=cfg.data.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
+                                  generator=torch.Generator().manual_seed(cfg.seed),
+                                  **worker_options(cfg.data.num_workers))
         test_loader = DataLoader(test_ds, batch_size=max(per_device, 64), shuffle=False,
-                                 num_workers=cfg.data.num_workers)
+                                 **worker_options(cfg.data.num_workers))
         self.ema = ModelEmaV3(model, decay=fc.ema_decay) if fc.ema_decay > 0 else None
         self.model, self.optimizer, self.loader, self.test_loader = accelerator.prepare(model, optimizer,
                                                                                         train_loader, test_loader)
+        seed_process_streams(accelerator, cfg.seed)
         if self.ema is not None:  # checkpointed as ema.safetensors (not through Accelerate's pickled custom states)
             self.ema.to(accelerator.device)
         self.mixup = Mixup(mixup_alpha=fc.mixup, cutmix_alpha=fc.cutmix, prob=fc.mixup_prob,

@@ -37,12 +37,26 @@ def topk_torch(train: torch.Tensor, test: torch.Tensor, k: int, chunk_size: int 
     return torch.cat(sims), torch.cat(idx)
 
 
+_GPU_RESOURCES = {}  # one faiss StandardGpuResources per GPU, made once per process (they hold scratch memory)
+
+
+def faiss_gpu_device():
+    """The CUDA device faiss should search on (this process's current one), or None for the CPU index: faiss
+    without GPU support, or no GPU."""
+    import faiss
+    if torch.cuda.is_available() and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+        return torch.cuda.current_device()
+    return None
+
+
 def topk_faiss(train: torch.Tensor, test: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
     import faiss
-    d = train.shape[1]
-    index = faiss.IndexFlatIP(d)
-    if torch.cuda.is_available() and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
-        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+    index = faiss.IndexFlatIP(train.shape[1])
+    device = faiss_gpu_device()
+    if device is not None:
+        if device not in _GPU_RESOURCES:
+            _GPU_RESOURCES[device] = faiss.StandardGpuResources()
+        index = faiss.index_cpu_to_gpu(_GPU_RESOURCES[device], device, index)
     index.add(train.float().cpu().contiguous().numpy())
     sims, idx = index.search(test.float().cpu().contiguous().numpy(), k)
     return torch.from_numpy(sims), torch.from_numpy(idx).long()

@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..data.pipeline import worker_options
 from .features import weights_digest
 
 
@@ -98,8 +99,8 @@ def linear_probe_full(backbone: nn.Module, train_ds, test_ds, accelerator, num_c
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     per_device = max(batch_size // accelerator.num_processes, 1)
     train_loader = DataLoader(train_ds, batch_size=per_device, shuffle=True, drop_last=False,
-                              num_workers=num_workers, generator=torch.Generator().manual_seed(seed))
-    test_loader = DataLoader(test_ds, batch_size=per_device, shuffle=False, num_workers=num_workers)
+                              generator=torch.Generator().manual_seed(seed), **worker_options(num_workers))
+    test_loader = DataLoader(test_ds, batch_size=per_device, shuffle=False, **worker_options(num_workers))
     head, opt, train_loader, test_loader = accelerator.prepare(head, opt, train_loader, test_loader)
     bar = tqdm(total=epochs * len(train_loader), desc="linear probe (full)", unit="step",
                disable=not accelerator.is_main_process, dynamic_ncols=True)

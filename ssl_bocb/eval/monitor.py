@@ -3,7 +3,8 @@ curve and its dips (MoCo v3 sec. 4) show while training runs."""
 import torch
 
 from ..data.pipeline import eval_images
-from .features import extract_features
+from ..dist import from_main
+from .features import extract_features, feature_loader
 from .knn import knn_classify
 
 
@@ -14,16 +15,17 @@ class KnnMonitor:
         self.batch = max(cfg.train.batch_size // accelerator.num_processes, 64)
         self.train = eval_images(cfg.data, cfg.data.train_split, subset=m.knn_train_per_class)
         self.test = eval_images(cfg.data, cfg.data.test_split, subset=m.knn_test_per_class)
-        self.workers = cfg.data.num_workers
+        self.loaders = [feature_loader(ds, accelerator, self.batch, cfg.data.num_workers) for ds in (self.train, self.test)]
         self.channels_last = cfg.train.channels_last  # auto decides as for the training model: the same backbone
 
     @torch.no_grad()
     def __call__(self, backbone) -> float:
         was_training = backbone.training
-        ftr, ytr = extract_features(backbone, self.train, self.accelerator, self.batch, self.workers, "kNN bank",
-                                    self.channels_last)
-        fte, yte = extract_features(backbone, self.test, self.accelerator, self.batch, self.workers, "kNN queries",
-                                    self.channels_last)
+        ftr, ytr = extract_features(backbone, self.train, self.accelerator, desc="kNN bank",
+                                    channels_last=self.channels_last, loader=self.loaders[0])
+        fte, yte = extract_features(backbone, self.test, self.accelerator, desc="kNN queries",
+                                    channels_last=self.channels_last, loader=self.loaders[1])
         backbone.train(was_training)
-        res = knn_classify(ftr, ytr, fte, yte, ks=[self.k], temperature=self.t, backend="torch")
+        # the neighbour search runs once, on the main process; the others take its result
+        res = from_main(knn_classify, ftr, ytr, fte, yte, ks=[self.k], temperature=self.t, backend="torch")
         return res[self.k]["top1"]

@@ -6,6 +6,7 @@ import time
 from typing import Dict, Tuple
 
 from ..config import to_dict
+from ..dist import from_main
 from ..data import build_dataset, eval_transform, probe_train_transform
 from ..data.pipeline import eval_images
 from ..engine import make_accelerator
@@ -79,7 +80,8 @@ def run_knn(cfg) -> Dict:
     ks = sorted(set(cfg.knn.ks) | {cfg.knn.k})
     backend = resolve_backend(cfg.knn.backend)
     t = time.time()
-    table = knn_classify(ftr, ytr, fte, yte, ks=ks, temperature=cfg.knn.temperature, backend=backend,
+    # on the main process alone (the others would each load the whole bank onto a device); its table is shared
+    table = from_main(knn_classify, ftr, ytr, fte, yte, ks=ks, temperature=cfg.knn.temperature, backend=backend,
                          num_classes=count_classes(train_ds, test_ds), chunk_size=cfg.knn.chunk_size)
     knn_seconds = time.time() - t
     head = table[cfg.knn.k]

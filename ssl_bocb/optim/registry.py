@@ -283,10 +283,14 @@ def build_optimizer(groups: List[Dict], resolved: Resolved, lr: float) -> torch.
                     "tens of times slower than in fp32 here; run it on a GPU or a CPU with native bf16", e.name,
                     e.source)
     try:
-        return cls(groups, lr=lr, weight_decay=resolved.weight_decay, **ctor)
+        optimizer = cls(groups, lr=lr, weight_decay=resolved.weight_decay, **ctor)
     except TypeError as err:
         raise UserError(f"optimizer settings {ctor} do not fit {e.name} ({e.source}): {err}; check optim.kwargs") \
             from None
+    if e.hessian:
+        from .hessian import average_hessian_across_processes
+        average_hessian_across_processes(optimizer)
+    return optimizer
 
 
 def resolve_named(name: str, base_lr: Optional[float] = None, weight_decay: Optional[float] = None,

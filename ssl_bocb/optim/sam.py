@@ -23,13 +23,15 @@ def sam_perturb(params: List[torch.Tensor], rho: float, adaptive: bool = False,
         return [None] * len(params)
     scaled = [p.grad * p.abs() if adaptive else p.grad for p in with_grad]
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(s.float()) for s in scaled]))
-    if not torch.isfinite(norm):
-        return [None] * len(params)
-    scale = rho / (norm + eps)
+    # decided on the device, not read on the host (a read per step would stall a GPU): a non-finite norm moves
+    # nothing (e = 0 where the norm is not finite)
+    finite = torch.isfinite(norm)
+    scale = torch.where(finite, rho / (norm + eps), torch.zeros_like(norm))
     saved = {}
     for p, s in zip(with_grad, scaled):
         saved[id(p)] = p.detach().clone()
-        p.add_((s * p.abs() if adaptive else s) * scale.to(s.dtype))
+        e = (s * p.abs() if adaptive else s) * scale.to(s.dtype)
+        p.add_(torch.where(finite, e, torch.zeros_like(e)))
     return [saved.get(id(p)) for p in params]
 
 
