@@ -12,6 +12,7 @@ from torchvision import transforms as T
 
 from ssl_bocb import config
 from ssl_bocb.data import batched as B
+from ssl_bocb.data.cache import DecodedImages
 from ssl_bocb.data import cache as C
 from ssl_bocb.data.pipeline import two_view_data
 from ssl_bocb.errors import UserError
@@ -244,3 +245,17 @@ def test_evaluation_images_from_the_decoded_cache_equal_the_pil_transform(tmp_pa
     make_tree(str(tmp_path / "test"), size=40)  # larger than the crop: resize + centre crop, the PIL transform
     big = data_cfg("data.name=imagefolder", f"data.root={tmp_path}", "data.image_size=32")
     assert not isinstance(eval_images(big, "test"), NormalisedImages)
+
+
+def test_the_one_upload_path_equals_the_reference_views():
+    """__call__ (parameters and row numbers packed host-side, one copy each) gives the views of view() with the
+    per-view tensors of params(), bit for bit; the positions arrive as a host array from the decoded dataset."""
+    aug = B.BatchedTwoViews(16, 0.2, (0.4, 0.5, 0.6), (0.2, 0.25, 0.3), blur=True, solarize=True, seed=11)
+    u8 = torch.randint(0, 256, (12, 20, 20, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    index = np.arange(100, 112)
+    v1, v2 = aug(u8, index, 3)
+    x = u8.permute(0, 3, 1, 2).float().div_(255)
+    p1, p2 = aug.params(index.tolist(), 3, 20, 20)
+    assert torch.equal(v1, aug.view(x, p1)) and torch.equal(v2, aug.view(x, p2))
+    (images, idx), _, _ = DecodedImages(u8.numpy(), [0] * 12, ["a"]).__getitems__([3, 5])
+    assert isinstance(idx, np.ndarray) and idx.tolist() == [3, 5]

@@ -82,3 +82,25 @@ def test_the_spy_catches_a_read_in_a_step(tmp_path, monkeypatch):
     pretrain(config.load(P, [], TINY + [f"output_dir={tmp_path / 'r'}", "train.host_reads=log", "train.log_every=4",
                                         "train.stop_at_step=2"]))
     assert spy.reads and spy.reads[0].startswith("item at ")
+
+
+# The first torch release with each API the code calls; the floor in setup.cfg must cover every one in use.
+TORCH_APIS = {"torch.accelerator": (2, 6), "get_total_norm": (2, 6), "clip_grads_with_norm_": (2, 6),
+              "sdpa_kernel": (2, 3), "part.compile()": (2, 2)}
+
+
+def test_torch_floor_covers_the_apis_the_code_calls():
+    import configparser
+    import re
+    from conftest import REPO
+    cfg = configparser.ConfigParser()
+    cfg.read(os.path.join(REPO, "setup.cfg"))
+    reqs = [r.strip() for r in cfg["options"]["install_requires"].splitlines()]
+    floor = next(tuple(int(x) for x in r.split(">=")[1].split(".")[:2]) for r in reqs if re.match(r"torch>=", r))
+    code = ""
+    for folder in ("ssl_bocb", "tools"):
+        for root, _, files in os.walk(os.path.join(REPO, folder)):
+            code += "".join(open(os.path.join(root, f)).read() for f in files if f.endswith(".py"))
+    used = {api: v for api, v in TORCH_APIS.items() if api in code}
+    assert "get_total_norm" in used and "torch.accelerator" in used  # the scan sees the code
+    assert floor >= max(used.values()), f"setup.cfg admits torch {floor}, the code calls {used}"

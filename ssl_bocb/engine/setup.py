@@ -35,7 +35,8 @@ def make_accelerator(train_cfg, seed: int = 0, precision_key: str = "train.mixed
     precision = resolve_precision(train_cfg.mixed_precision, PartialState(cpu=cpu).device, precision_key)
     try:
         return Accelerator(mixed_precision=precision, cpu=cpu,
-                           dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True,
+                           # non_blocking: the batch's copy to a GPU overlaps the step (pinned by the loaders)
+                           dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=True,
                                                                      data_seed=order_seed(seed)))
     except ValueError as e:
         raise UserError(f"{precision_key}={precision} cannot run here ({e}); use auto, bf16 or no on CPU") from None
