@@ -104,3 +104,117 @@ def test_torch_floor_covers_the_apis_the_code_calls():
     used = {api: v for api, v in TORCH_APIS.items() if api in code}
     assert "get_total_norm" in used and "torch.accelerator" in used  # the scan sees the code
     assert floor >= max(used.values()), f"setup.cfg admits torch {floor}, the code calls {used}"
+
+
+def _launch(n, *args, timeout=600):
+    import subprocess
+    from conftest import REPO
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           os.path.join(REPO, "tests", "mp_worker.py"), *map(str, args)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _ranks(out, n):
+    import json
+    return [json.load(open(os.path.join(out, f"rank{i}.json"))) for i in range(n)]
+
+
+def _archive(root):
+    """A small Imagenette-style archive: imagenette/{train,val}/<class>/*.png inside imagenette64-jpeg.tar.gz."""
+    import tarfile
+    from test_data import make_tree
+    tree = os.path.join(root, "tree", "imagenette")
+    make_tree(os.path.join(tree, "train"), per_class=8, size=16)
+    make_tree(os.path.join(tree, "val"), per_class=4, size=16)
+    with tarfile.open(os.path.join(root, "imagenette64-jpeg.tar.gz"), "w:gz") as tar:
+        tar.add(tree, arcname="imagenette")
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_cold_cache_start_on_several_processes(tmp_path, n):
+    """The archive is unpacked and each split decoded once (by the node's main process), the others wait and
+    memory-map the same files; nothing is left behind. The random streams differ per process (process 0 keeps the
+    seed's own), and the kNN stage searches once, on the main process, every process getting its result."""
+    _archive(tmp_path)
+    cache = tmp_path / "cache"
+    _launch(n, "data", tmp_path / "out", tmp_path, cache)
+    ranks = _ranks(tmp_path / "out", n)
+    assert sum(r["unpacks"] for r in ranks) == 1 and ranks[0]["unpacks"] == 1
+    assert sum(r["decodes"] for r in ranks) == 2 and ranks[0]["decodes"] == 2  # train and val, once each
+    assert len({r["images"] for r in ranks}) == 1 and all(r["memmapped"] for r in ranks)
+    assert all(r["n_train"] == 16 for r in ranks)
+    assert sorted(os.listdir(cache)) == ["decoded", "imagenette64-jpeg"]
+    assert all(not f.startswith(".") and not f.endswith(".tmp") for f in os.listdir(cache / "decoded"))
+    assert len(os.listdir(cache / "decoded")) == 4  # .npy + .json per split
+    torch.manual_seed(0)
+    assert ranks[0]["draws"] == torch.rand(3).tolist()
+    assert len({tuple(r["draws"]) for r in ranks}) == n
+    assert [r["knn_searches"] for r in ranks] == [1] + [0] * (n - 1)
+    assert len({r["knn_top1"] for r in ranks}) == 1
+    assert os.path.isfile(tmp_path / "out" / "knn" / "knn_metrics.json")
+
+
+def test_sophia_replicas_stay_identical_under_ddp(tmp_path):
+    """Sophia's Hessian estimate averaged over the processes keeps the two replicas' weights bit-identical at every
+    step; without the averaging (each process its own estimate and probes) they drift apart."""
+    _launch(2, "sophia", tmp_path / "avg", tmp_path / "run_avg")
+    a, b = _ranks(tmp_path / "avg", 2)
+    assert len(a["digests"]) == 12 and a["digests"] == b["digests"]
+    _launch(2, "sophia", tmp_path / "noavg", tmp_path / "run_noavg", "noavg")
+    a, b = _ranks(tmp_path / "noavg", 2)
+    assert a["digests"][-1] != b["digests"][-1]
+
+
+def test_two_process_resume_continues_every_process_stream(tmp_path):
+    """Drop-path draws from each process's own stream; a two-process run stopped mid-epoch and resumed on two
+    processes logs the same losses and ends with the same weights as the uninterrupted run."""
+    import json
+    import subprocess
+
+    import safetensors.torch
+    from conftest import REPO
+
+    def launch(out, *extra):
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               os.path.join(REPO, "tools", "pretrain.py"), *TINY, "model.backbone_kwargs={drop_path_rate: 0.3}",
+               "train.save_every_steps=2", f"output_dir={out}", *extra]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO,
+                              env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    launch(tmp_path / "full")
+    launch(tmp_path / "part", "train.stop_at_step=3")
+    launch(tmp_path / "part", "resume=auto")
+    rows = [[json.loads(line)["loss"] for line in open(tmp_path / d / "steps.jsonl")] for d in ("full", "part")]
+    assert len(rows[0]) == 8 and rows[0] == rows[1]
+    a, b = (safetensors.torch.load_file(tmp_path / d / "backbone.safetensors") for d in ("full", "part"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_persistent_workers_see_each_epoch():
+    """Workers are forked once per loader (persistent) and still augment each epoch differently: the epoch lives in
+    shared memory. Their batches equal those of a loader without workers, epoch by epoch."""
+    from torch.utils.data import DataLoader
+
+    from ssl_bocb.data import build_dataset, pretrain_transform
+    from ssl_bocb.data.pipeline import two_view_data, worker_options
+    cfg = config.load(P, [], TINY + ["data.pipeline=pil", "data.num_workers=2"]).data
+    assert two_view_data(cfg, 0).loader_kwargs == dict(num_workers=2, persistent_workers=True)
+
+    def epochs(num_workers):
+        ds = build_dataset(cfg, "train", pretrain_transform(cfg), seed=0, subset=4)
+        loader = DataLoader(ds, batch_size=8, **worker_options(num_workers))
+        out = []
+        for epoch in range(2):
+            ds.set_epoch(epoch)
+            out.append(torch.cat([x1 for (x1, _), _, _ in loader]))
+        return out, loader
+    (a0, a1), loader = epochs(2)
+    assert loader.persistent_workers and loader._iterator is not None  # the same workers served both epochs
+    b0, b1 = epochs(0)[0]
+    assert torch.equal(a0, b0) and torch.equal(a1, b1) and not torch.equal(a0, a1)

@@ -12,6 +12,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..errors import UserError
 from ..losses import contrastive_loss
 from ..optim import clip_gradients, frozen_bn_stats, sam_perturb, sam_restore
+from ..optim.hessian import average_gradients_keeping_graph
 
 
 @dataclass
@@ -83,13 +84,19 @@ def compute_gradients(model: nn.Module, optimizer, accelerator, params, loss_fn:
     (loss at the current weights, gradient norm before clipping) as tensors; with ``norms`` the second is the vector
     of the global norm and the per-layer norms (engine.telemetry.GradNorms)."""
     double = hessian_due(optimizer, settings)
-    with hessian_pass(double):
-        loss = loss_fn()
-    optimizer.zero_grad(set_to_none=True)
-    with warnings.catch_warnings():
-        # create_graph's note on a grad <-> parameter reference cycle: zero_grad(set_to_none) breaks it every step
-        warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
-        accelerator.backward(loss, create_graph=double)
+    # DDP's reducer cannot all-reduce gradients that carry a graph: a Hessian step runs forward and backward
+    # without its sync and averages the gradients itself, keeping each process's graph (optim.hessian)
+    own_sync = double and accelerator.num_processes > 1
+    with accelerator.no_sync(model) if own_sync else contextlib.nullcontext():
+        with hessian_pass(double):
+            loss = loss_fn()
+        optimizer.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():
+            # create_graph's note on a grad <-> parameter reference cycle: zero_grad(set_to_none) breaks it
+            warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
+            accelerator.backward(loss, create_graph=double)
+    if own_sync:
+        average_gradients_keeping_graph(params)
     if settings.sam_rho > 0:
         sam_second_pass(model, optimizer, accelerator, params, loss_fn, settings)
     grad_norm = clip_gradients(accelerator, optimizer, params, settings.clip_mode, settings.clip,

@@ -34,3 +34,25 @@ def average_hessian_across_processes(optimizer) -> None:
             offset += h.numel()
 
     optimizer.compute_hutchinson_hessian = compute_then_average
+
+
+def average_gradients_keeping_graph(params) -> None:
+    """DDP cannot all-reduce gradients that carry a graph (backward with create_graph=True fails inside its reducer),
+    so Sophia's Hessian steps run their backward under no_sync and average here: each ``p.grad`` becomes
+    ``mean + (g_local - g_local.detach())``, whose value is exactly the mean over the processes (what DDP would give,
+    the same bits everywhere: x - x is exactly 0) and whose graph is the local one, from which the Hessian-vector
+    products are taken (then averaged, above)."""
+    if not dist.is_distributed():
+        return
+    with_grad = [p for p in params if p.grad is not None]
+    if not with_grad:
+        return
+    flat = torch.cat([p.grad.detach().reshape(-1) for p in with_grad])
+    torch_dist.all_reduce(flat)
+    flat /= dist.world_size()
+    offset = 0
+    for p in with_grad:
+        g = p.grad
+        mean = flat[offset:offset + g.numel()].view_as(g)
+        p.grad = mean + (g - g.detach())
+        offset += g.numel()
