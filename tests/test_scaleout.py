@@ -218,3 +218,18 @@ def test_persistent_workers_see_each_epoch():
     assert loader.persistent_workers and loader._iterator is not None  # the same workers served both epochs
     b0, b1 = epochs(0)[0]
     assert torch.equal(a0, b0) and torch.equal(a1, b1) and not torch.equal(a0, a1)
+
+
+def test_feature_loader_keeps_workers_only_where_the_dataset_uses_them():
+    """Decoded evaluation images need no workers (and a loader without workers cannot persist them); PIL ones keep
+    theirs alive across passes."""
+    from ssl_bocb.data.pipeline import eval_images
+    from ssl_bocb.engine.setup import make_accelerator
+    from ssl_bocb.eval.features import feature_loader
+    cfg = config.load(P, [], TINY + ["data.num_workers=2"])
+    acc = make_accelerator(cfg.train)
+    decoded = feature_loader(eval_images(cfg.data, "test"), acc, 8, 2)
+    assert decoded.num_workers == 0 and not decoded.persistent_workers and len(list(decoded)) > 0
+    cfg.data.pipeline = "pil"
+    pil = feature_loader(eval_images(cfg.data, "test"), acc, 8, 2)
+    assert pil.num_workers == 2 and pil.persistent_workers and len(list(pil)) > 0

@@ -87,7 +87,8 @@ def weights_digest(model: nn.Module) -> str:
 def feature_loader(dataset, accelerator, batch_size: int = 256, num_workers: int = 2):
     """The sharded, in-order loader :func:`extract_features` reads; build it once to embed the same data again (its
     workers then stay alive between passes)."""
-    options = {**worker_options(num_workers), **getattr(dataset, "loader_kwargs", {})}  # decoded data: no workers
+    options = {"num_workers": num_workers, **getattr(dataset, "loader_kwargs", {})}  # decoded data: no workers
+    options.update(worker_options(options["num_workers"]))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, pin_memory=accelerator.device.type == "cuda",
                         **options)
     return accelerator.prepare_data_loader(loader)
