@@ -178,6 +178,11 @@ class TrainConfig:
     warmup_epochs: float = 10.0
     # Global batch size over all processes; must divide by the number of processes.
     batch_size: int = 256
+    # Exact large batches on few devices: each step computes every key of the batch first (momentum encoder, no
+    # gradient), then the queries in this many chunks, each against all keys, gradients accumulated; one optimizer
+    # step. Exact (to round-off) without BatchNorm; with BatchNorm each chunk normalises over its own samples, as
+    # that many processes without SyncBN would. Must divide the per-process batch. Not with SAM or Sophia.
+    query_chunks: int = 1
     # auto | no | bf16 | fp16, through Accelerate. auto: bf16 where the device computes it natively (GPUs with bf16,
     # CPUs with AVX-512 BF16 / AMX), else fp32; bf16 on a CPU without them is emulated, tens of times slower.
     mixed_precision: str = "auto"
@@ -381,7 +386,7 @@ POSITIVE = ("data.cache_max_gb", "train.epochs", "train.batch_size", "optim.base
             "linear.batch_size", "linear.base_lr", "finetune.epochs", "finetune.batch_size", "finetune.optim.base_lr",
             "finetune.layer_decay", "optim.eps", "finetune.optim.eps", "stability.nonfinite_patience",
             "stability.rollback_lr_factor", "stability.spike_factor", "stability.spike_window",
-            "stability.spike_min_history", "train.log_every", "finetune.log_every",
+            "stability.spike_min_history", "train.log_every", "finetune.log_every", "train.query_chunks",
             "finetune.stability.nonfinite_patience", "finetune.stability.rollback_lr_factor",
             "finetune.stability.spike_factor", "finetune.stability.spike_window", "finetune.stability.spike_min_history")
 NON_NEGATIVE = ("optim.weight_decay", "train.warmup_epochs", "data.subset", "data.num_workers",

@@ -33,6 +33,19 @@ def contrastive_loss(q: torch.Tensor, k: torch.Tensor, temperature: float, gathe
         return F.cross_entropy(logits, targets) * (2 * temperature)
 
 
+def contrastive_loss_rows(q: torch.Tensor, k_all: torch.Tensor, temperature: float, first: int,
+                          total: int) -> torch.Tensor:
+    """Rows ``first .. first + len(q)`` of :func:`contrastive_loss` over a batch of ``total`` query rows: the sum of
+    their cross-entropies divided by ``total`` (so the rows of all chunks add up to the full batch's mean), times
+    2 * tau. ``k_all``: every key of the batch, already normalised and gathered; ``first`` counts from the start of
+    the gathered keys (the process's offset included)."""
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        q = F.normalize(q.float(), dim=1)
+        logits = q @ k_all.t() / temperature
+        targets = torch.arange(q.shape[0], device=q.device) + first
+        return F.cross_entropy(logits, targets, reduction="sum") / total * (2 * temperature)
+
+
 def symmetric_loss(q1, q2, k1, k2, temperature: float) -> torch.Tensor:
     """MoCo v3 total loss: ctr(q1, k2) + ctr(q2, k1)."""
     return contrastive_loss(q1, k2, temperature) + contrastive_loss(q2, k1, temperature)

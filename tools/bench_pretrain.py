@@ -185,7 +185,9 @@ def measure_project_step(cfg, n, device):
     from ssl_bocb.data.pipeline import two_view_data
     from ssl_bocb.device import use_channels_last, use_compile
     from ssl_bocb.engine import make_accelerator
-    from ssl_bocb.engine.step import StepSettings, compute_gradients, guarded_step, moco_loss_fn
+    from ssl_bocb.engine.pretrain import check_query_chunks
+    from ssl_bocb.engine.step import (StepSettings, compute_gradients, guarded_step, moco_chunked_loss_fn,
+                                      moco_loss_fn)
     from ssl_bocb.engine.telemetry import GradNorms
     from ssl_bocb.models import build_moco
     from ssl_bocb.optim import optimizer_from_cfg, resolve
@@ -214,16 +216,22 @@ def measure_project_step(cfg, n, device):
     fmt = torch.channels_last if cl else torch.contiguous_format
     x1, x2 = (x.to(accelerator.device).contiguous(memory_format=fmt) for x in (x1, x2))
 
+    chunks = check_query_chunks(cfg, cfg.train.batch_size)
+
+    def loss_fn():
+        if chunks > 1:  # train.query_chunks: every key first, then the queries chunk by chunk
+            return moco_chunked_loss_fn(model, unwrapped, accelerator, x1, x2, cfg.moco.temperature, chunks)
+        return moco_loss_fn(model, unwrapped, accelerator, x1, x2, cfg.moco.temperature)
+
     def one():
         unwrapped.update_momentum(cfg.moco.momentum)
-        loss_fn = moco_loss_fn(model, unwrapped, accelerator, x1, x2, cfg.moco.temperature)
-        loss, gvec = compute_gradients(model, opt, accelerator, params, loss_fn, settings, norms)
+        loss, gvec = compute_gradients(model, opt, accelerator, params, loss_fn(), settings, norms)
         values = torch.cat([loss.float().view(1), gvec.float()]).tolist()
         guarded_step(opt, accelerator, values[0] == values[0], values[1] == values[1])
     out = timed(one, n, cfg.train.batch_size, accelerator.device,
-                flops=lambda: count_flops(lambda: compute_gradients(model, opt, accelerator, params, moco_loss_fn(
-                    model, unwrapped, accelerator, x1, x2, cfg.moco.temperature), settings, norms)))
-    out.update(precision=accelerator.mixed_precision, channels_last=cl)
+                flops=lambda: count_flops(lambda: compute_gradients(model, opt, accelerator, params, loss_fn(),
+                                                                    settings, norms)))
+    out.update(precision=accelerator.mixed_precision, channels_last=cl, query_chunks=chunks)
     return out
 
 

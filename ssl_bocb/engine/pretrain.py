@@ -26,9 +26,29 @@ from . import logs
 from .loop import LoopSettings, Task, TrainLoop, check_same_schedule
 from .setup import (log_optimizer, make_accelerator, open_run_folder, resolve_run_folder,  # noqa: F401
                     seed_process_streams, shared_path)
-from .step import StepSettings, moco_loss_fn
+from .step import StepSettings, moco_chunked_loss_fn, moco_loss_fn
 
 log = logging.getLogger(__name__)
+
+
+def check_query_chunks(cfg, per_device: int) -> int:
+    """``train.query_chunks``, checked against the batch and the settings it cannot serve."""
+    k = cfg.train.query_chunks
+    if k == 1:
+        return 1
+    if per_device % k:
+        raise UserError(f"train.query_chunks={k} does not divide the per-process batch of {per_device}; choose a "
+                        f"divisor of {per_device}")
+    if cfg.optim.sam.rho > 0:
+        raise UserError(f"train.query_chunks={k} with SAM (optim.sam.rho > 0) is not supported: SAM's second pass "
+                        f"would need every chunk again; use train.query_chunks=1 or optim.sam.rho=0")
+    if resolve(cfg.optim).entry.hessian:
+        raise UserError(f"train.query_chunks={k} with optim.name={cfg.optim.name} is not supported: its Hessian "
+                        f"estimate needs the whole batch's graph at once; use train.query_chunks=1")
+    if cfg.moco.momentum <= 0:
+        raise UserError(f"train.query_chunks={k} needs the momentum encoder for the keys (moco.momentum > 0); "
+                        f"without it the keys are the queries' own projections: use train.query_chunks=1")
+    return k
 
 
 class PretrainTask(Task):
@@ -41,6 +61,7 @@ class PretrainTask(Task):
             raise UserError(f"train.batch_size={cfg.train.batch_size} does not divide by the {world} processes; "
                             f"choose a multiple of {world}")
         per_device = cfg.train.batch_size // world
+        self.query_chunks = check_query_chunks(cfg, per_device)
         set_seed(cfg.seed)
         self.data = two_view_data(cfg.data, cfg.seed)
         self.dataset = self.data.dataset
@@ -99,6 +120,7 @@ class PretrainTask(Task):
             log.warning("train.warmup_epochs=%g is longer than the run (%d epochs): the lr never reaches its peak",
                         cfg.train.warmup_epochs, cfg.train.epochs)
         return dict(lr=self.lr, world_size=self.accelerator.num_processes, per_device_batch=per_device,
+                    query_chunks=self.query_chunks, query_chunk_size=per_device // self.query_chunks,
                     steps_per_epoch=steps_per_epoch, total_steps=total_steps, warmup_steps=warmup_steps,
                     train_images=len(self.dataset), data_pipeline=self.data.kind,
                     mixed_precision=self.accelerator.mixed_precision, channels_last=self.channels_last,
@@ -145,6 +167,9 @@ class PretrainTask(Task):
 
     def loss_fn(self, inputs):
         x1, x2 = inputs
+        if self.query_chunks > 1:
+            return moco_chunked_loss_fn(self.model, self.unwrapped, self.accelerator, x1, x2,
+                                        self.cfg.moco.temperature, self.query_chunks)
         return moco_loss_fn(self.model, self.unwrapped, self.accelerator, x1, x2, self.cfg.moco.temperature)
 
     def epoch_end(self, epoch: int, step: int) -> Dict:

@@ -6,11 +6,13 @@ from dataclasses import dataclass
 from typing import Callable, List, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .. import dist
 from ..errors import UserError
-from ..losses import contrastive_loss
+from ..losses import contrastive_loss, contrastive_loss_rows
 from ..optim import clip_gradients, frozen_bn_stats, sam_perturb, sam_restore
 from ..optim.hessian import average_gradients_keeping_graph
 
@@ -62,6 +64,42 @@ def moco_loss_fn(model, unwrapped, accelerator, x1, x2, temperature: float) -> C
     return loss_fn
 
 
+class ChunkedLoss:
+    """One step's loss as query chunks (``train.query_chunks``): ``chunks`` are closures, each returning its chunk's
+    share of the full-batch loss (the shares add up to it); :func:`compute_gradients` runs backward after each."""
+
+    def __init__(self, chunks: List[Callable[[], torch.Tensor]]):
+        self.chunks = chunks
+
+
+def moco_chunked_loss_fn(model, unwrapped, accelerator, x1, x2, temperature: float, chunks: int) -> ChunkedLoss:
+    """The MoCo v3 loss of :func:`moco_loss_fn` with the queries in ``chunks`` chunks. On the first chunk every key of
+    the batch is computed (the momentum encoder, chunk by chunk, no gradient), normalised and gathered across the
+    processes once; each chunk then computes its queries and its rows of both directions against all keys."""
+    n = x1.shape[0]
+    bounds = [(i * n // chunks, (i + 1) * n // chunks) for i in range(chunks)]
+    keys = []
+    offset = n * dist.rank()
+
+    def all_keys():
+        if not keys:
+            with accelerator.autocast():
+                k1 = torch.cat([unwrapped.forward_momentum(x1[a:b]) for a, b in bounds])
+                k2 = torch.cat([unwrapped.forward_momentum(x2[a:b]) for a, b in bounds])
+            keys.extend(dist.gather_nograd(F.normalize(k.float(), dim=1)) for k in (k1, k2))
+        return keys
+
+    def chunk(a: int, b: int):
+        def loss_fn():
+            k1, k2 = all_keys()
+            with accelerator.autocast():
+                q1, q2, _, _ = model(x1[a:b], x2[a:b])
+            return (contrastive_loss_rows(q1, k2, temperature, offset + a, n)
+                    + contrastive_loss_rows(q2, k1, temperature, offset + a, n))
+        return loss_fn
+    return ChunkedLoss([chunk(a, b) for a, b in bounds])
+
+
 def hessian_due(optimizer, settings: StepSettings) -> bool:
     """True when the optimizer updates its Hessian estimate at this step (SophiaH: every update_period steps of
     its own counter, so fp16 skips or a resume cannot shift it)."""
@@ -83,6 +121,9 @@ def compute_gradients(model: nn.Module, optimizer, accelerator, params, loss_fn:
     """Forward, backward (SAM's second pass, Sophia's graph) and clipping, without the optimizer step. Returns
     (loss at the current weights, gradient norm before clipping) as tensors; with ``norms`` the second is the vector
     of the global norm and the per-layer norms (engine.telemetry.GradNorms)."""
+    chunks = getattr(loss_fn, "chunks", None)
+    if chunks is not None:
+        return _chunked_gradients(model, optimizer, accelerator, params, chunks, settings, norms)
     double = hessian_due(optimizer, settings)
     # DDP's reducer cannot all-reduce gradients that carry a graph: a Hessian step runs forward and backward
     # without its sync and averages the gradients itself, keeping each process's graph (optim.hessian)
@@ -102,6 +143,23 @@ def compute_gradients(model: nn.Module, optimizer, accelerator, params, loss_fn:
     grad_norm = clip_gradients(accelerator, optimizer, params, settings.clip_mode, settings.clip,
                                settings.first_layer, norms)
     return loss.detach(), grad_norm
+
+
+def _chunked_gradients(model, optimizer, accelerator, params, chunks, settings: StepSettings, norms):
+    """Backward after each query chunk, gradients accumulating; DDP all-reduces once, after the last chunk. Clipping
+    acts on the accumulated gradient. Returns what :func:`compute_gradients` returns, the loss being the sum of the
+    chunks' shares: the full batch's."""
+    optimizer.zero_grad(set_to_none=True)
+    total = None
+    for i, loss_fn in enumerate(chunks):
+        last = i == len(chunks) - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+            loss = loss_fn()
+            accelerator.backward(loss)
+        total = loss.detach() if total is None else total + loss.detach()
+    grad_norm = clip_gradients(accelerator, optimizer, params, settings.clip_mode, settings.clip,
+                               settings.first_layer, norms)
+    return total, grad_norm
 
 
 def train_step(model: nn.Module, optimizer, accelerator, params, loss_fn: Callable[[], torch.Tensor],
