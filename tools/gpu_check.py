@@ -11,6 +11,7 @@ Checks, each reported as PASS / FAIL with its figures and peak GPU memory:
   optim-<name>      a few bf16 steps of SAM, Sophia, LARS, LAMB and Muon: finite losses
   resume            a run stopped at step 4 and resumed equals an uninterrupted run (losses and weights); two
                     uninterrupted runs are compared too, so that GPU non-determinism is told apart from a resume fault
+  query-chunks      train.query_chunks=4 against 1 (ViT-S/16, batch 256): lower peak memory, finite losses
   knn               faiss on the GPU against the torch backend on the same features: identical top-1
                     (faiss-cpu where faiss has no GPU support, and the row says so)
   bench             tools/bench_pretrain.py's step measurements with its MFU line (ViT-S/16, 224 px, bf16)
@@ -127,6 +128,23 @@ def check_resume(tmp):
     return resume_same or (not repeat_same and la[:4] == lc[:4]), what
 
 
+def check_query_chunks(tmp):
+    """train.query_chunks on the GPU: the same 4 steps of ViT-S/16 at batch 256 with K = 1 and K = 4; peak memory
+    must fall, the losses stay close (the heads' BN normalises per chunk, so not equal)."""
+    peaks, logged = {}, {}
+    for k in (1, 4):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        out = os.path.join(tmp, f"chunks-{k}")
+        run_pretrain(out, FAKE_224 + VIT + ["train.batch_size=256", "train.stop_at_step=4", "train.log_every=1",
+                                            f"train.query_chunks={k}"])
+        peaks[k] = torch.cuda.max_memory_allocated() / 2 ** 30
+        logged[k] = [r["loss"] for r in steps_of(out)]
+    ok = peaks[4] < peaks[1] and all(map(_finite, logged[4]))
+    return ok, (f"ViT-S/16, batch 256, 4 steps: peak {peaks[1]:.2f} GiB at K = 1, {peaks[4]:.2f} GiB at K = 4; "
+                f"losses {', '.join(f'{v:.4f}' for v in logged[1])} / {', '.join(f'{v:.4f}' for v in logged[4])}")
+
+
 def check_knn():
     import faiss
     from ssl_bocb.eval.knn import faiss_gpu_device, knn_classify
@@ -169,7 +187,7 @@ def _finite(v):
 
 
 CHECKS = (["vit-s16-bf16", "resnet50-bf16"] + [f"optim-{n}" for n in ("sam", "sophia", "lars", "lamb", "muon")]
-          + ["resume", "knn", "bench"])
+          + ["resume", "query-chunks", "knn", "bench"])
 
 
 def run_check(name, tmp):
@@ -183,6 +201,8 @@ def run_check(name, tmp):
         return check_resume(tmp)
     if name == "knn":
         return check_knn()
+    if name == "query-chunks":
+        return check_query_chunks(tmp)
     return check_bench(tmp)
 
 
