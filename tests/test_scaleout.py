@@ -233,3 +233,26 @@ def test_feature_loader_keeps_workers_only_where_the_dataset_uses_them():
     cfg.data.pipeline = "pil"
     pil = feature_loader(eval_images(cfg.data, "test"), acc, 8, 2)
     assert pil.num_workers == 2 and pil.persistent_workers and len(list(pil)) > 0
+
+
+def test_a_file_that_vanishes_while_decoding_stops_the_run_and_is_not_cached(tmp_path, monkeypatch):
+    """Listed, then gone (another process changing the folder): one clear error, and no decoded cache that would
+    count it as unreadable in every later run."""
+    from ssl_bocb.data import cache as cache_mod
+    from ssl_bocb.errors import UserError
+    from test_data import make_tree
+    make_tree(tmp_path / "data" / "train", per_class=4, size=16)
+    cfg = config.load(P, [], ["data.name=imagefolder", f"data.root={tmp_path / 'data'}", "data.image_size=16",
+                              f"data.cache_dir={tmp_path / 'cache'}"]).data
+    gone = str(tmp_path / "data" / "train" / "b" / "1.png")
+    key = cache_mod._file_key
+
+    def key_then_remove(*args):  # the files were listed and their key made; then one goes
+        k = key(*args)
+        os.remove(gone)
+        return k
+    monkeypatch.setattr(cache_mod, "_file_key", key_then_remove)
+    with pytest.raises(UserError, match="disappeared while decoding"):
+        cache_mod.decoded_dataset(cfg, "train")
+    assert not os.path.exists(tmp_path / "cache" / "decoded") or not os.listdir(tmp_path / "cache" / "decoded")
+

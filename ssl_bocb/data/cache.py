@@ -78,7 +78,11 @@ class DecodedImages(Dataset):
 def _file_key(name: str, split: str, files: List[str], subset: int) -> str:
     h = hashlib.sha256(f"{name}\n{split}\n{subset}\n".encode())
     for f in files:
-        st = os.stat(f)
+        try:
+            st = os.stat(f)
+        except FileNotFoundError:
+            raise UserError(f"{f} disappeared after the data folder was listed; is something changing it? run again "
+                            f"once it is stable") from None
         h.update(f"{os.path.abspath(f)}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:20]
 
