@@ -40,20 +40,16 @@ def local_main_first():
     are plain. Across nodes sharing one folder the writers use unique temporary names and atomic renames."""
     global _first_depth
     if _first_depth or not is_distributed():
-        _first_depth += 1
-        try:
-            yield
-        finally:
-            _first_depth -= 1
-        return
-    from accelerate import PartialState
+        first = contextlib.nullcontext()
+    else:
+        from accelerate import PartialState
+        first = PartialState().local_main_process_first()
     _first_depth += 1
     try:
-        with PartialState().local_main_process_first():
+        with first:
             yield
     finally:
         _first_depth -= 1
-
 
 def from_main(fn, *args, **kwargs):
     """``fn(*args, **kwargs)`` run on the main process alone; every process returns its result (a picklable

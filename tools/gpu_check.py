@@ -108,7 +108,8 @@ def check_optimizer(tmp, name):
 
 def check_resume(tmp):
     import safetensors.torch
-    base = FAKE_224 + ["model.backbone=vit_small_patch16_224", "train.batch_size=32", "train.epochs=1", "train.save_every_steps=4", "train.log_every=1",
+    base = FAKE_224 + ["model.backbone=vit_small_patch16_224", "train.batch_size=32", "train.epochs=1",
+                       "train.save_every_steps=4", "train.log_every=1",
                        "data.fake_per_class=32", "model.backbone_kwargs={depth: 4, drop_path_rate: 0.1}"]
     a, b, c = (os.path.join(tmp, f"resume-{k}") for k in "abc")
     run_pretrain(a, base)

@@ -15,7 +15,8 @@ class KnnMonitor:
         self.batch = max(cfg.train.batch_size // accelerator.num_processes, 64)
         self.train = eval_images(cfg.data, cfg.data.train_split, subset=m.knn_train_per_class)
         self.test = eval_images(cfg.data, cfg.data.test_split, subset=m.knn_test_per_class)
-        self.loaders = [feature_loader(ds, accelerator, self.batch, cfg.data.num_workers) for ds in (self.train, self.test)]
+        self.loaders = [feature_loader(ds, accelerator, self.batch, cfg.data.num_workers)
+                        for ds in (self.train, self.test)]
         self.channels_last = cfg.train.channels_last  # auto decides as for the training model: the same backbone
 
     @torch.no_grad()

@@ -6,9 +6,9 @@ import time
 from typing import Dict, Tuple
 
 from ..config import to_dict
-from ..dist import from_main
 from ..data import build_dataset, eval_transform, probe_train_transform
 from ..data.pipeline import eval_images
+from ..dist import from_main
 from ..engine import make_accelerator
 from ..engine.logs import setup_logging
 from ..errors import UserError
@@ -82,7 +82,7 @@ def run_knn(cfg) -> Dict:
     t = time.time()
     # on the main process alone (the others would each load the whole bank onto a device); its table is shared
     table = from_main(knn_classify, ftr, ytr, fte, yte, ks=ks, temperature=cfg.knn.temperature, backend=backend,
-                         num_classes=count_classes(train_ds, test_ds), chunk_size=cfg.knn.chunk_size)
+                      num_classes=count_classes(train_ds, test_ds), chunk_size=cfg.knn.chunk_size)
     knn_seconds = time.time() - t
     head = table[cfg.knn.k]
     for k in ks:

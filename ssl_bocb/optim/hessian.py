@@ -23,15 +23,8 @@ def average_hessian_across_processes(optimizer) -> None:
             return
         hessians = [state[p]["hessian"] for g in param_groups for p in g["params"]
                     if p in state and "hessian" in state[p]]
-        if not hessians:
-            return
-        flat = torch.cat([h.reshape(-1) for h in hessians])
-        torch_dist.all_reduce(flat)
-        flat /= dist.world_size()
-        offset = 0
-        for h in hessians:
-            h.copy_(flat[offset:offset + h.numel()].view_as(h))
-            offset += h.numel()
+        for h, mean in zip(hessians, _means_over_processes(hessians)):
+            h.copy_(mean)
 
     optimizer.compute_hutchinson_hessian = compute_then_average
 
@@ -45,14 +38,16 @@ def average_gradients_keeping_graph(params) -> None:
     if not dist.is_distributed():
         return
     with_grad = [p for p in params if p.grad is not None]
-    if not with_grad:
-        return
-    flat = torch.cat([p.grad.detach().reshape(-1) for p in with_grad])
+    for p, mean in zip(with_grad, _means_over_processes([p.grad.detach() for p in with_grad])):
+        g = p.grad
+        p.grad = mean + (g - g.detach())
+
+
+def _means_over_processes(tensors):
+    """Each tensor's mean over the processes, in one all-reduce (views of one flat buffer)."""
+    if not tensors:
+        return []
+    flat = torch.cat([t.reshape(-1) for t in tensors])
     torch_dist.all_reduce(flat)
     flat /= dist.world_size()
-    offset = 0
-    for p in with_grad:
-        g = p.grad
-        mean = flat[offset:offset + g.numel()].view_as(g)
-        p.grad = mean + (g - g.detach())
-        offset += g.numel()
+    return [m.view_as(t) for m, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
