@@ -50,11 +50,15 @@ class DataConfig:
     # Split names for imagefolder / stl10 (pretraining uses train_split).
     train_split: str = "train"
     test_split: str = "test"
-    # DataLoader worker processes per training process (the PIL path; the batched path needs none).
-    num_workers: int = 2
-    # Pretraining's two-view data path. batched: decoded uint8 images held in memory, both views augmented
-    # batch-wise on the training device (ssl_bocb/data/batched.py); pil: per-image PIL transforms in DataLoader
-    # workers; auto: batched when the images share one size <= image_size and fit in cache_max_gb, else pil.
+    # DataLoader worker processes per training process (the crops and PIL paths; batched needs none). null = the
+    # CPUs available to this process divided by the processes on its node.
+    num_workers: Optional[int] = None
+    # Pretraining's two-view data path (ssl_bocb/data/pipeline.py). batched: decoded uint8 images held in memory,
+    # both views cut and augmented batch-wise on the training device; crops: workers decode (reduced-scale JPEG
+    # decoding) and crop, the device does colour / blur / solarize / normalisation batch-wise; dali: NVIDIA DALI
+    # reads and decodes the crops (on the GPU; pip install -e ".[dali]"), the same device ops after it; pil:
+    # torchvision's per-image PIL transforms in workers. auto: batched when the images share one size <= image_size
+    # and fit in cache_max_gb; else dali on a CUDA device with DALI installed; else crops. The log says why.
     pipeline: str = "auto"
     # The most memory the decoded images of the batched path may take (GB).
     cache_max_gb: float = 8.0
@@ -358,7 +362,7 @@ class EvalConfig:
 # Allowed values of string keys, checked by validate().
 CHOICES = {
     "data.name": DATASETS,
-    "data.pipeline": ("auto", "batched", "pil"),
+    "data.pipeline": ("auto", "batched", "crops", "dali", "pil"),
     "model.pos_embed": ("sincos", "learned", "none"),
     "model.pool": ("token", "avg"),
     "model.mlp_norm": ("layernorm", "batchnorm"),

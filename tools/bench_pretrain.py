@@ -14,6 +14,12 @@ runs in its own process (one after the other, never two at once), so that its pe
   e2e       images/s end to end (the plain loop here; the project through tools/pretrain.py, logged intervals
             after the first)
 
+The data path on ImageNet-size JPEGs (the crops, dali and PIL paths against the plain loader, with the bytes each
+sends from its workers to the training process):
+
+    python tools/bench_pretrain.py --config configs/imagenet_vit_small_adamw.yaml data.root=../shared/data \
+        data.name=imagenette --large-jpegs 50 --only plain-data --pipelines crops dali pil --out bench/large
+
 Writes <out>/bench.json and <out>/bench.md (figures, ratios project / plain, the CPU model and its flags).
 """
 import argparse
@@ -107,8 +113,10 @@ def plain_loader(cfg, batch):
             img = img.convert("RGB")
             return self.t1(img), self.t2(img), y
 
-    return DataLoader(Pairs(), batch_size=batch, shuffle=True, drop_last=True, num_workers=d.num_workers,
-                      persistent_workers=d.num_workers > 0)
+    from ssl_bocb.data.pipeline import num_workers
+    workers = num_workers(d)
+    return DataLoader(Pairs(), batch_size=batch, shuffle=True, drop_last=True, num_workers=workers,
+                      persistent_workers=workers > 0)
 
 
 def plain_model(cfg, device):
@@ -154,29 +162,62 @@ def measure_plain(cfg, kind, n, device):
         x1, x2 = x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)
         if step is not None:
             step(x1, x2)
-    return timed(one, n, batch, device)
+    out = timed(one, n, batch, device)
+    if kind == "data":
+        out.update(pipeline="plain PIL", workers=loader.num_workers,
+                   bytes_per_image=2 * 3 * cfg.data.image_size ** 2 * 4)  # two float32 views
+    return out
 
 
 # --------------------------------------------------------------------------------------------------- the project
+def batch_bytes(obj) -> int:
+    """Bytes of the arrays in a batch: what a DataLoader worker sends to the training process."""
+    if torch.is_tensor(obj):
+        return obj.nelement() * obj.element_size()
+    if hasattr(obj, "nbytes"):
+        return int(obj.nbytes)
+    if isinstance(obj, (list, tuple)):
+        return sum(batch_bytes(o) for o in obj)
+    return 0
+
+
 def measure_project_data(cfg, n, device):
+    """The two-view data path: the loader alone (what the workers deliver), then loader + views on ``device``."""
     from torch.utils.data import DataLoader
 
     from ssl_bocb.data.pipeline import two_view_data
-    data = two_view_data(cfg.data, cfg.seed)
+    data = two_view_data(cfg.data, cfg.seed, device)
     loader = DataLoader(data.dataset, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True,
-                        pin_memory=device.type == "cuda", persistent_workers=data.loader_kwargs["num_workers"] > 0,
-                        **data.loader_kwargs)
+                        pin_memory=device.type == "cuda", **data.loader_kwargs)
     it = _forever(loader)
+    sent = []
+
+    def fetch():
+        batch = next(it)
+        sent.append(batch_bytes(batch[0]) / cfg.train.batch_size)
+        return batch
+    workers = timed(fetch, n, cfg.train.batch_size, torch.device("cpu"))
+    crop_only = None
+    if getattr(data.dataset, "finish", False):  # crops on a CPU device: also the workers as they run for a GPU
+        import copy
+        ds = copy.copy(data.dataset)
+        ds.finish = False
+        crop_it = _forever(DataLoader(ds, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True,
+                                      **data.loader_kwargs))
+        crop_only = timed(lambda: next(crop_it), n, cfg.train.batch_size, torch.device("cpu"))["images_per_s"]
+        del crop_it
 
     def one():
-        batch = next(it)
-        if data.kind == "batched":
-            (images, index), labels, bad = batch
-            batch = (images.to(device, non_blocking=True), index), labels, bad
-        x1, x2, _ = data.views(batch, 0)
+        inputs, labels, bad = fetch()
+        if data.kind in ("batched", "crops"):  # uint8 images or crops to the device (dali decodes onto it)
+            inputs = (inputs[0].to(device, non_blocking=True), inputs[1])
+        x1, x2, _ = data.views((inputs, labels, bad), 0)
         x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)
     out = timed(one, n, cfg.train.batch_size, device)
-    out["pipeline"] = data.kind
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    out.update(pipeline=data.kind, reason=data.reason, workers=loader.num_workers, cpus=cpus,
+               loader_images_per_s=workers["images_per_s"], crop_only_images_per_s=crop_only,
+               bytes_per_image=(sum(sent) / len(sent)) if data.loader_kwargs.get("num_workers") else 0.0)
     return out
 
 
@@ -309,6 +350,27 @@ def markdown(result) -> str:
         lines.append(f"| {kind} | {p['images_per_s']:.1f} | {q['images_per_s']:.1f} | "
                      f"{q['images_per_s'] / p['images_per_s']:.2f}x | {p['peak_mem_mb']:.0f} | "
                      f"{q['peak_mem_mb']:.0f} |")
+    data_rows = [(k, r) for k, r in rows.items() if k == "plain-data" or k.startswith("project-data")]
+    if data_rows:
+        plain = rows.get("plain-data", {}).get("images_per_s")
+        cpus = next((r["cpus"] for _, r in data_rows if "cpus" in r), c["cores"])
+        lines += ["", f"Data path alone ({cpus} CPUs for this process and its workers; 'workers only': the batches "
+                      f"as the DataLoader delivers them; 'to views': with the device-side augmentation on {dev}):", "",
+                  "| path | workers | workers only images/s | to views images/s | images/s per CPU | x plain | "
+                  "bytes per image between processes |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        for k, r in data_rows:
+            if r.get("crop_only_images_per_s"):  # the workers' share when the colour runs on a GPU
+                rate = r["crop_only_images_per_s"]
+                lines.append(f"| crops, workers as for a GPU (decode + crop only; colour on the GPU) | "
+                             f"{r.get('workers', '')} | {rate:.1f} | | {rate / cpus:.1f} | "
+                             f"{f'{rate / plain:.2f}x' if plain else ''} | {r['bytes_per_image'] / 1024:.0f} KiB |")
+            loader = r.get("loader_images_per_s")
+            ratio = f"{r['images_per_s'] / plain:.2f}x" if plain else ""
+            sent = r.get("bytes_per_image", 0)
+            lines.append(f"| {r.get('pipeline', k)} | {r.get('workers', '')} | "
+                         f"{f'{loader:.1f}' if loader else ''} | {r['images_per_s']:.1f} | "
+                         f"{r['images_per_s'] / cpus:.1f} | {ratio} | "
+                         f"{f'{sent / 1024:.0f} KiB' if sent else 'none (no workers)'} |")
     step = rows.get("project-step", {})
     if step:
         lines += ["", f"Project settings: data.pipeline -> {rows.get('project-data', {}).get('pipeline', '?')}, "
@@ -332,8 +394,21 @@ def main():
                     help="which measurements (plain-data plain-step plain-e2e project-data project-step project-e2e)")
     ap.add_argument("--out", default="", help="folder for bench.json and bench.md (default: print only)")
     ap.add_argument("--measure", default="", help=argparse.SUPPRESS)  # internal: run one measurement
+    ap.add_argument("--pipelines", nargs="+", default=[],
+                    help="measure project-data once per data.pipeline value given (e.g. crops dali pil)")
+    ap.add_argument("--large-jpegs", type=int, default=0, metavar="PER_CLASS",
+                    help="first write PER_CLASS ImageNet-size JPEGs per class (320-640 px, from the config's dataset, "
+                         "under the cache) and benchmark on that folder")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
+    if args.large_jpegs and not args.measure:
+        from ssl_bocb.data.archive import default_cache_dir
+        from ssl_bocb.data.large_jpegs import make_large_jpegs
+        src = config.load(config.PretrainConfig, args.config, args.overrides)
+        tree = os.path.join(default_cache_dir(src.data.cache_dir), "large_jpegs",
+                            f"{src.data.name}-{args.large_jpegs}")
+        print(f"{make_large_jpegs(src.data, tree, args.large_jpegs)} large JPEGs in {tree}", file=sys.stderr)
+        args.overrides = args.overrides + ["data.name=imagefolder", f"data.root={tree}", "data.subset=0"]
     if args.measure:
         print("RESULT " + json.dumps(run_one(args)), flush=True)
         return
@@ -343,9 +418,12 @@ def main():
     if bad:
         raise UserError(f"--only {' '.join(bad)}: not a measurement; choose from plain-/project- data, step, e2e")
     rows = {}
-    for m in args.only:
-        cmd = [sys.executable, os.path.abspath(__file__), "--measure", m, "--steps", str(args.steps), "--batches",
-               str(args.batches)] + sum([["--config", c] for c in args.config], []) + args.overrides
+    runs = [(m, []) for m in args.only if not (args.pipelines and m == "project-data")]
+    runs += [(f"project-data[{p}]", [f"data.pipeline={p}"]) for p in args.pipelines]
+    for m, extra in runs:
+        cmd = [sys.executable, os.path.abspath(__file__), "--measure", m.split("[")[0], "--steps", str(args.steps),
+               "--batches", str(args.batches)] + sum([["--config", c] for c in args.config], []) + \
+            args.overrides + extra
         print(f"{m} ...", file=sys.stderr, flush=True)
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
@@ -366,6 +444,9 @@ def main():
     for kind in KINDS:
         if f"plain-{kind}" in rows and f"project-{kind}" in rows:
             result[f"{kind}_ratio"] = rows[f"project-{kind}"]["images_per_s"] / rows[f"plain-{kind}"]["images_per_s"]
+    for k, r in rows.items():
+        if k.startswith("project-data[") and "plain-data" in rows:
+            result[f"data_ratio{k[len('project-data'):]}"] = r["images_per_s"] / rows["plain-data"]["images_per_s"]
     md = markdown(result)
     print(md)
     if args.out:

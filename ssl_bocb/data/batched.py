@@ -30,7 +30,10 @@ _SOLARIZE = _BLUR + 2
 _DRAWS = _SOLARIZE + 1
 _MASK64 = (1 << 64) - 1
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
-_GRAY_WEIGHTS_ON = {}
+# On a CPU the views are made a few samples at a time, so that each op's float temporaries (about this many bytes)
+# stay in the cache: at 224 px, 2.9-3.5x faster than the whole batch at once on a 2-core AMD EPYC. At 32 px a
+# batch of 340 samples fits, so the small-image recipes run in one pass, as before.
+CPU_CHUNK_BYTES = 8 * 2 ** 20
 
 
 def _mix64(z: np.ndarray) -> np.ndarray:
@@ -101,12 +104,9 @@ def _per_sample(v: torch.Tensor) -> torch.Tensor:
 
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
-    """(n, 1, h, w) luma with torchvision's weights."""
-    key = (str(x.device), x.dtype)
-    if key not in _GRAY_WEIGHTS_ON:  # made once per device: a per-call upload would be a host sync
-        _GRAY_WEIGHTS_ON[key] = torch.tensor(GRAY_WEIGHTS, dtype=x.dtype).view(1, 3, 1, 1).to(x.device)
-    w = _GRAY_WEIGHTS_ON[key]
-    return (x * w).sum(1, keepdim=True)
+    """(n, 1, h, w) luma with torchvision's weights (its own formula: 0.2989 r + 0.587 g + 0.114 b)."""
+    r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
+    return r.mul(GRAY_WEIGHTS[0]).add_(g, alpha=GRAY_WEIGHTS[1]).add_(b, alpha=GRAY_WEIGHTS[2])
 
 
 def brightness(x, f):
@@ -232,16 +232,22 @@ class BatchedTwoViews:
         return dict(jitter=jitter_rows(p["jitter"], p["order"]), gray=np.flatnonzero(p["gray"]),
                     blur=np.flatnonzero(p["blur"]), solarize=np.flatnonzero(p["solarize"]))
 
-    def view(self, x: torch.Tensor, p: dict, normalize: bool = True, rows: Optional[dict] = None) -> torch.Tensor:
+    def view(self, x: torch.Tensor, p: dict, normalize: bool = True, rows: Optional[dict] = None,
+             cropped: bool = False) -> torch.Tensor:
         """Views of the float (n, 3, h, w) batch in [0, 1] with parameters ``p`` (one row per output image; ``x``
         is repeated when ``p`` has a multiple of its rows: both views of a batch are computed as one). ``rows``:
-        the device index tensors of :meth:`upload` (None: found from ``p``, which reads it on the host)."""
+        the device index tensors of :meth:`upload` (None: found from ``p``, which reads it on the host).
+        ``cropped``: ``x`` holds each view's crop already resized to the output size and flipped (the crops and
+        dali paths cut it with the same boxes and flips); no geometry is left."""
         if len(p["flip"]) != len(x):
             x = x.repeat(len(p["flip"]) // len(x), 1, 1, 1)
         if rows is None:
             host = {k: p[k].cpu().numpy() for k in ("jitter", "order", "gray", "blur", "solarize")}
             rows = self._to_device(self.rows(host), x.device)
-        y = resized_crop(x, p["boxes"], self.size, p["flip"])
+        if cropped:
+            y = x
+        else:
+            y = resized_crop(x, p["boxes"], self.size, p["flip"])
         y = color_jitter(y, p["factors"], rows["jitter"])
         sel = rows["gray"]
         if sel is not None:
@@ -290,16 +296,47 @@ class BatchedTwoViews:
         params = dict(boxes=dev[:, 0:4], flip=dev[:, 4] > 0.5, factors=dev[:, 5:9], sigma=dev[:, 9])
         return params, self._to_device(self.rows(p), device)
 
-    def __call__(self, images: torch.Tensor, index, epoch: int, device: Optional[torch.device] = None):
-        """(view1, view2) float32 (n, 3, size, size) on ``device`` from uint8 (n, h, w, 3) ``images``. ``index``
+    def crop_windows(self, index: int, epoch: int, height: int, width: int):
+        """The geometry of both views of sample ``index`` in an image of that size, as :meth:`host_params` draws it:
+        (2, 4) int64 (top, left, h, w) boxes and (2,) bool flips (the crops and dali paths cut with them)."""
+        u = uniforms(self.seed, epoch, [index], 2, _DRAWS)[0]
+        return crop_boxes(u[:, _CROP:_FLIP], height, width, self.scale), u[:, _FLIP] < 0.5
+
+    def __call__(self, images: torch.Tensor, index, epoch: int, device: Optional[torch.device] = None,
+                 normalize: bool = True):
+        """(view1, view2) float32 (n, 3, size, size) on ``device`` from uint8 (n, h, w, 3) ``images``, or from uint8
+        (n, 2, size, size, 3) crops (both views of each sample, cut and flipped by :meth:`crop_windows`). ``index``
         (the samples' positions) is read on the host: pass it as a host array or list, not a device tensor."""
-        device = device or images.device
-        x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+        outs = list(self.chunks(images, index, epoch, device, normalize))
+        if len(outs) == 1:
+            return outs[0][1], outs[0][2]
+        n = len(images)
+        v1 = outs[0][1].new_empty((n,) + outs[0][1].shape[1:])
+        v2 = torch.empty_like(v1)
+        for s, y1, y2 in outs:
+            v1[s:s + len(y1)], v2[s:s + len(y2)] = y1, y2
+        return v1, v2
+
+    def chunks(self, images: torch.Tensor, index, epoch: int, device=None, normalize: bool = True):
+        """Yields (first sample, view-1 rows, view-2 rows) of :meth:`__call__`, the whole batch at once on a GPU and
+        a few samples at a time on a CPU (their temporaries then stay in the cache: 2.9-3.5x faster at 224 px)."""
+        device = torch.device(device or images.device)
+        cropped = images.dim() == 5
+        n = len(images)
+        x = images.to(device, non_blocking=True)
         index = index.tolist() if torch.is_tensor(index) else list(index)
-        p1, p2 = self.host_params(index, epoch, x.shape[2], x.shape[3])
-        params, rows = self.upload({k: np.concatenate([p1[k], p2[k]]) for k in p1}, device)
-        y = self.view(x, params, rows=rows)  # both views in one pass
-        return y[:len(x)], y[len(x):]
+        height, width = x.shape[-3:-1]
+        p1, p2 = self.host_params(index, epoch, height, width)
+        per_sample = 2 * 3 * 4 * max(self.size ** 2, height * width)  # float bytes of its two views
+        step = n if device.type != "cpu" else max(1, CPU_CHUNK_BYTES // per_sample)
+        for s in range(0, n, step):
+            e = min(n, s + step)
+            params, rows = self.upload({k: np.concatenate([p1[k][s:e], p2[k][s:e]]) for k in p1}, device)
+            # both views in one pass: (2(e-s), ...) rows, view 1 first; uncropped images are repeated by view()
+            rows_in = x[s:e].transpose(0, 1).reshape(2 * (e - s), *x.shape[2:]) if cropped else x[s:e]
+            y = self.view(rows_in.permute(0, 3, 1, 2).float().div_(255), params, rows=rows, cropped=cropped,
+                          normalize=normalize)
+            yield s, y[:e - s], y[e - s:]
 
 
 def upload(host: torch.Tensor, device) -> torch.Tensor:

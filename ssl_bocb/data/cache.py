@@ -15,6 +15,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
@@ -87,6 +88,23 @@ def _file_key(name: str, split: str, files: List[str], subset: int) -> str:
     return h.hexdigest()[:20]
 
 
+def _headers_too_large(files: List[str], size_limit: int, probes: int = 8) -> Optional[str]:
+    """The reason the files cannot be held decoded, read from the headers of a few of them spread over the list
+    (an ImageNet-size folder is recognised without listing the size of every file), else None."""
+    for f in [files[k] for k in np.unique(np.linspace(0, len(files) - 1, probes).astype(int))]:
+        try:
+            with Image.open(f) as img:
+                width, height = img.size
+        except FileNotFoundError:
+            raise UserError(f"{f} disappeared after the data folder was listed; is something changing it? run again "
+                            f"once it is stable") from None
+        except IMAGE_ERRORS:
+            continue  # unreadable: found and counted while decoding
+        if max(width, height) > size_limit:
+            return f"its images ({width}x{height}) are larger than data.image_size={size_limit}"
+    return None
+
+
 def _decode_all(base, indices: List[int], size_limit: int, max_bytes: float, what: str):
     """Decode ``base[j]`` for ``j`` in ``indices`` into one uint8 array; None and the reason when the images do
     not share one size, are larger than ``size_limit`` or do not fit in ``max_bytes``."""
@@ -148,6 +166,9 @@ def _decoded_dataset(data_cfg, split: str, subset: Optional[int]):
         images, bad, why = _decode_all(base, indices, data_cfg.image_size, max_bytes, what)
         return (None, why) if images is None else (DecodedImages(images, targets, classes, bad), None)
     files = [samples[i][0] for i in indices]
+    why = _headers_too_large(files, data_cfg.image_size)
+    if why:  # decided from a few headers, before the cache key stats every file
+        return None, why
     folder = os.path.join(default_cache_dir(data_cfg.cache_dir), "decoded")
     stem = os.path.join(folder, f"{data_cfg.name}-{split}-{_file_key(data_cfg.name, split, files, n)}")
     found = _read_cache(stem, len(indices))

@@ -1,5 +1,17 @@
-"""Pretraining's two-view data path: the batched tensor path where the data can be held decoded, else PIL."""
+"""Pretraining's two-view data paths, and the rule that picks one (``data.pipeline=auto``):
+
+- batched: the images share one size no larger than the crop and fit in ``data.cache_max_gb``: held decoded (uint8),
+  both views cut and augmented batch-wise on the training device; no workers.
+- dali: larger images, a CUDA device and NVIDIA DALI installed: files read and crops decoded by DALI on the GPU.
+- crops: larger images otherwise: DataLoader workers decode (at reduced scale where the crops allow) and crop, the
+  training device does flip, colour, blur, solarize and normalisation batch-wise.
+- pil: torchvision's per-image PIL transforms in the workers; only when asked for (the reference recipe).
+
+All but pil draw every sample's parameters from one generator keyed by (seed, epoch, position), so the crop windows
+and colour parameters of an image are the same on batched, crops and dali, and a resumed run continues exactly.
+"""
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional
 
@@ -10,7 +22,8 @@ from ..dist import local_main_first
 from ..errors import UserError
 from .batched import BatchedTwoViews
 from .cache import DecodedImages, decoded_dataset, keep_batch
-from .datasets import build_dataset
+from .crops import CroppedViews, NormaliseViews
+from .datasets import build_base, build_dataset, per_class_subset
 from .transforms import eval_resize, eval_transform, norm_stats, pretrain_transform
 
 log = logging.getLogger(__name__)
@@ -21,9 +34,10 @@ class TwoViewData:
     """The dataset, the DataLoader options it needs, and ``views(batch, epoch) -> (x1, x2, n_unreadable)``."""
     dataset: Any
     views: Callable
-    kind: str                   # "batched" or "pil"
+    kind: str                   # "batched", "crops", "dali" or "pil"
     loader_kwargs: Dict[str, Any] = field(default_factory=dict)
-    reason: str = ""            # why auto chose pil
+    reason: str = ""            # why auto chose this path
+    bytes_per_image: int = 0    # what crosses from a DataLoader worker to the training process per image
 
 
 def _pil_views(batch, epoch):
@@ -32,6 +46,9 @@ def _pil_views(batch, epoch):
 
 
 class _TensorViews:
+    """Both views from a uint8 batch on the training device: whole decoded images (batched) or the workers'
+    crops (crops, dali)."""
+
     def __init__(self, augment: BatchedTwoViews):
         self.augment = augment
 
@@ -41,25 +58,75 @@ class _TensorViews:
         return x1, x2, n_bad
 
 
-def two_view_data(data_cfg, seed: int) -> TwoViewData:
-    """``data.pipeline``: batched / pil, or auto (batched when the images can be held decoded)."""
+def two_view_data(data_cfg, seed: int, device=None) -> TwoViewData:
+    """``data.pipeline``: batched / crops / dali / pil, or auto: the fastest correct path for the training
+    ``device`` (default the CPU). Every path's loader is a torch DataLoader, sharded and resumed by Accelerate."""
     with local_main_first():  # one process per node unpacks and decodes, the others reuse its files
-        return _two_view_data(data_cfg, seed)
+        return _two_view_data(data_cfg, seed, torch.device(device or "cpu"))
 
 
-def _two_view_data(data_cfg, seed: int) -> TwoViewData:
+def dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _two_view_data(data_cfg, seed: int, device: torch.device) -> TwoViewData:
     choice, reason = data_cfg.pipeline, ""
     if choice in ("auto", "batched"):
         dataset, reason = decoded_dataset(data_cfg, data_cfg.train_split)
         if dataset is not None:
+            if choice == "auto":
+                log.info("data.pipeline=auto chose batched: the images share one size <= data.image_size and fit "
+                         "in data.cache_max_gb, so they are held decoded and augmented on %s", device)
             return TwoViewData(dataset, _TensorViews(BatchedTwoViews.from_cfg(data_cfg, seed)), "batched",
-                               dict(num_workers=0, collate_fn=keep_batch))
+                               dict(num_workers=0, collate_fn=keep_batch), "held decoded")
         if choice == "batched":
             raise UserError(f"data.pipeline=batched cannot hold {data_cfg.name} decoded: {reason}; use "
-                            f"data.pipeline=pil (or auto)")
-        log.info("data.pipeline=auto chose the PIL path: %s", reason)
-    dataset = build_dataset(data_cfg, data_cfg.train_split, pretrain_transform(data_cfg), seed=seed)
-    return TwoViewData(dataset, _pil_views, "pil", worker_options(data_cfg.num_workers), reason)
+                            f"data.pipeline=crops (or auto)")
+    if choice == "pil":
+        dataset = build_dataset(data_cfg, data_cfg.train_split, pretrain_transform(data_cfg), seed=seed)
+        return TwoViewData(dataset, _pil_views, "pil", worker_options(num_workers(data_cfg)), "asked for",
+                           bytes_per_image=2 * 3 * data_cfg.image_size ** 2 * 4)
+    augment = BatchedTwoViews.from_cfg(data_cfg, seed)
+    if choice == "dali" or (choice == "auto" and device.type == "cuda" and dali_available()):
+        from .dali import dali_data
+        if choice == "auto":
+            reason = f"{reason}; DALI is installed and the device is {device}: decoding on the GPU"
+            log.info("data.pipeline=auto chose dali: %s", reason.lstrip("; "))
+        return dali_data(data_cfg, augment, device, reason, num_workers(data_cfg))
+    with local_main_first():
+        base = build_base(data_cfg, data_cfg.train_split)
+    indices = per_class_subset(list(base.targets), data_cfg.subset)
+    if not indices:
+        raise UserError(f"{data_cfg.name} {data_cfg.train_split} split is empty; check data.root and data.subset")
+    if choice == "auto":
+        why_not_dali = "DALI is not installed" if not dali_available() else f"the device is {device}, not a GPU"
+        reason = (f"{reason}; {why_not_dali}: {num_workers(data_cfg)} workers per process decode and crop, "
+                  f"{'and colour (the device is the CPU)' if device.type == 'cpu' else f'colour on {device}'}")
+        log.info("data.pipeline=auto chose crops: %s", reason.lstrip("; "))
+    workers = num_workers(data_cfg)
+    # On a GPU the workers only decode and crop. On a CPU the training process's cores are the workers' cores:
+    # the workers also flip and colour (the same batched ops, one thread each) and send finished uint8 views.
+    finish = device.type == "cpu" and workers > 0
+    views = NormaliseViews(augment.mean, augment.std) if finish else _TensorViews(augment)
+    return TwoViewData(CroppedViews(base, indices, augment, finish=finish), views, "crops",
+                       dict(collate_fn=keep_batch, **worker_options(workers)), reason,
+                       bytes_per_image=CroppedViews.bytes_per_image(data_cfg.image_size))
+
+
+def num_workers(data_cfg) -> int:
+    """``data.num_workers``, or where null the CPUs this process may use divided among the node's processes."""
+    if data_cfg.num_workers is not None:
+        return data_cfg.num_workers
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return max(1, cpus // max(1, local))
 
 
 def worker_options(num_workers: int) -> dict:

@@ -51,6 +51,15 @@ def check_query_chunks(cfg, per_device: int) -> int:
     return k
 
 
+def data_path_note(kind: str, device, loader) -> str:
+    workers = getattr(loader, "num_workers", 0)
+    return {"batched": f"batched (decoded uint8 images, both views cut and augmented batch-wise on {device})",
+            "crops": f"crops ({workers} DataLoader workers decode and crop to uint8, colour batch-wise on {device})",
+            "dali": f"dali ({workers} DataLoader workers read the files, DALI decodes and crops on {device}, colour "
+                    f"batch-wise there)",
+            "pil": f"PIL ({workers} DataLoader workers)"}[kind]
+
+
 class PretrainTask(Task):
     """MoCo v3 (Chen et al. 2021, Alg. 1) as a task of the training loop."""
 
@@ -63,7 +72,7 @@ class PretrainTask(Task):
         per_device = cfg.train.batch_size // world
         self.query_chunks = check_query_chunks(cfg, per_device)
         set_seed(cfg.seed)
-        self.data = two_view_data(cfg.data, cfg.seed)
+        self.data = two_view_data(cfg.data, cfg.seed, accelerator.device)
         self.dataset = self.data.dataset
         if len(self.dataset) < cfg.train.batch_size:
             raise UserError(f"the {cfg.data.name} training set has {len(self.dataset)} images, fewer than one batch "
@@ -191,8 +200,7 @@ class PretrainTask(Task):
         log.info("backbone %s (%d features), %d training images, global batch %d (%d per process)",
                  cfg.model.backbone, self.unwrapped.backbone.num_features, len(self.dataset), cfg.train.batch_size,
                  self.derived["per_device_batch"])
-        log.info("data path: %s", "batched (decoded uint8 images, both views augmented batch-wise on %s)"
-                 % acc.device if self.data.kind == "batched" else f"PIL, {cfg.data.num_workers} DataLoader workers")
+        log.info("data path: %s", data_path_note(self.data.kind, acc.device, self.loader))
         ls = loop.ls
         log_optimizer(self.resolved, self.lr, cfg.train.batch_size, ls.weight_decay, ls.weight_decay_end,
                       self.optimizer_record, self.groups, self.step_settings)

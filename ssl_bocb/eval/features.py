@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from ..data import data_root
 from ..data.archive import default_cache_dir
-from ..data.pipeline import worker_options
+from ..data.pipeline import num_workers, worker_options
 from ..device import use_channels_last
 from ..engine import checkpoint as ckpt
 from ..errors import UserError
@@ -163,7 +163,7 @@ def cached_features(backbone: nn.Module, digest: str, dataset, data_cfg, split: 
         if blob is not None:
             log.info("feature cache hit for %s %s (%s)", data_cfg.name, split, path)
             return blob["features"], blob["labels"], True
-    feats, labels = extract_features(backbone, dataset, accelerator, batch_size, data_cfg.num_workers,
+    feats, labels = extract_features(backbone, dataset, accelerator, batch_size, num_workers(data_cfg),
                                      desc=f"{data_cfg.name} {split}")
     if use_cache and accelerator.is_main_process:
         os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from ..config import scaled_lr, to_dict
 from ..data import build_dataset, eval_transform, norm_stats
-from ..data.pipeline import worker_options
+from ..data.pipeline import num_workers, worker_options
 from ..engine import checkpoint as ckpt
 from ..engine import logs
 from ..engine.loop import LoopSettings, Task, TrainLoop
@@ -120,9 +120,9 @@ class FinetuneTask(Task):
         self.optimizer_record = record(optimizer, self.resolved, self.lr)
         train_loader = DataLoader(self.dataset, batch_size=per_device, shuffle=True, drop_last=True,
                                   generator=torch.Generator().manual_seed(cfg.seed),
-                                  **worker_options(cfg.data.num_workers))
+                                  **worker_options(num_workers(cfg.data)))
         test_loader = DataLoader(test_ds, batch_size=max(per_device, 64), shuffle=False,
-                                 **worker_options(cfg.data.num_workers))
+                                 **worker_options(num_workers(cfg.data)))
         self.ema = ModelEmaV3(model, decay=fc.ema_decay) if fc.ema_decay > 0 else None
         self.model, self.optimizer, self.loader, self.test_loader = accelerator.prepare(model, optimizer,
                                                                                         train_loader, test_loader)

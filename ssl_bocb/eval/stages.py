@@ -7,7 +7,7 @@ from typing import Dict, Tuple
 
 from ..config import to_dict
 from ..data import build_dataset, eval_transform, probe_train_transform
-from ..data.pipeline import eval_images
+from ..data.pipeline import eval_images, num_workers
 from ..dist import from_main
 from ..engine import make_accelerator
 from ..engine.logs import setup_logging
@@ -118,7 +118,7 @@ def run_linprobe(cfg) -> Dict:
         if num_classes < 2:
             raise UserError("the probe needs at least two classes")
         res = linear_probe_full(s.backbone, train_ds, test_ds, s.accelerator, num_classes, lc.epochs, lc.batch_size,
-                                base_lr, lc.momentum, lc.weight_decay, cfg.data.num_workers, cfg.seed)
+                                base_lr, lc.momentum, lc.weight_decay, num_workers(cfg.data), cfg.seed)
         protocol["train_transform"] = repr(probe_train_transform(cfg.data))
         n_train, n_test = len(train_ds), len(test_ds)
     protocol["eval_transform"] = repr(eval_transform(cfg.data))

@@ -1,0 +1,171 @@
+"""The crops path: DataLoader workers decode and crop, the training device does the rest.
+
+For images larger than the training crop (ImageNet-size JPEGs), a worker opens the file, reads its size from the
+header, draws both views' RandomResizedCrop boxes from the per-sample generator (``BatchedTwoViews.crop_windows``,
+keyed by seed, epoch and position: the boxes the batched path would draw for that image), asks libjpeg for the
+image at 1/2, 1/4 or 1/8 scale where both crops stay at least the output size there (DCT scaling, PIL's draft
+mode), and resizes each box to the output size (PIL's antialiased bilinear, as torchvision's RandomResizedCrop on a
+PIL image). It returns the two crops as uint8: 2 x 224 x 224 x 3 bytes per image (294 KiB) where the PIL path
+ships two float32 views (1.15 MiB). Flip, colour jitter, grayscale, blur, solarize and normalisation then run
+batch-wise on the training device (``BatchedTwoViews.view`` with ``cropped=True``), with the parameters the same
+generator gives. Unreadable files are skipped as on the PIL path: the next readable image takes the position.
+"""
+import logging
+import math
+from typing import Callable, List, Optional
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image, ImageFilter
+from torch.utils.data import Dataset
+
+from ..errors import UserError
+from .batched import BatchedTwoViews
+from .datasets import IMAGE_ERRORS
+
+log = logging.getLogger(__name__)
+MAX_DRAFT = 8  # libjpeg's DCT scaling goes down to 1/8
+
+
+def draft_scale(boxes: np.ndarray, size: int) -> int:
+    """The largest power of two up to 8 by which the image can shrink with every box still >= ``size`` pixels on
+    each side (1 where no reduction keeps the crops at full detail)."""
+    room = int(boxes[:, 2:].min()) // size
+    scale = 1
+    while scale * 2 <= min(room, MAX_DRAFT):
+        scale *= 2
+    return scale
+
+
+def crop_pair(img: Image.Image, boxes: np.ndarray, flips: np.ndarray, size: int, out: np.ndarray,
+              finish: Optional[Callable] = None) -> int:
+    """Both views of ``img`` (lazily opened; decoded here) into ``out`` (2, size, size, 3): each box resized to
+    size x size, mirrored where ``flips``, then ``finish(view, v)`` if given. A JPEG is decoded at reduced scale
+    where the boxes allow. Returns the scale used."""
+    width, height = img.size
+    scale = draft_scale(boxes, size)
+    if scale > 1 and img.format == "JPEG":
+        img.draft("RGB", (math.ceil(width / scale), math.ceil(height / scale)))
+    else:
+        scale = 1
+    img = img.convert("RGB")
+    fx, fy = img.width / width, img.height / height
+    for v, (top, left, h, w) in enumerate(boxes.tolist()):
+        box = (left * fx, top * fy, (left + w) * fx, (top + h) * fy)
+        view = img.resize((size, size), Image.BILINEAR, box=box)
+        view = view.transpose(Image.FLIP_LEFT_RIGHT) if flips[v] else view
+        out[v] = np.asarray(finish(view, v) if finish else view)
+    return scale
+
+
+_JITTER = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+
+
+def pil_colour(view: Image.Image, p: dict) -> Image.Image:
+    """One view's colour ops in PIL (uint8, torchvision's functional ops), with one sample's parameters ``p`` (a
+    row of ``BatchedTwoViews.host_params``): the jitter in the sample's order, grayscale, blur, solarize."""
+    if p["jitter"]:
+        for op in p["order"]:
+            view = _JITTER[op](view, float(p["factors"][op]))
+    if p["gray"]:
+        view = TF.rgb_to_grayscale(view, num_output_channels=3)
+    if p["blur"]:
+        view = view.filter(ImageFilter.GaussianBlur(radius=float(p["sigma"])))
+    if p["solarize"]:
+        view = TF.solarize(view, 128)
+    return view
+
+
+class NormaliseViews:
+    """The device side of finished views: uint8 (n, 2, s, s, 3) -> two normalised float32 (n, 3, s, s)."""
+
+    def __init__(self, mean, std):
+        self.scale = torch.tensor([1 / (255 * s) for s in std]).view(1, 3, 1, 1)
+        self.shift = torch.tensor([-m / s for m, s in zip(mean, std)]).view(1, 3, 1, 1)
+        self._on = {}
+
+    def __call__(self, batch, epoch):
+        (views, _), _, n_bad = batch
+        key = str(views.device)
+        if key not in self._on:  # made once per device: a per-call upload would be a host sync
+            self._on[key] = (self.scale.to(views.device), self.shift.to(views.device))
+        scale, shift = self._on[key]
+        x1, x2 = (torch.addcmul(shift, views[:, v].permute(0, 3, 1, 2).float(), scale).contiguous() for v in range(2))
+        return x1, x2, n_bad
+
+
+class CroppedViews(Dataset):
+    """Both views' crops of each image as uint8. A batch fetch (``__getitems__``, in a DataLoader worker) returns
+    ``((crops, index), labels, n_unreadable)``: crops (n, 2, size, size, 3) in shared memory, the positions as a
+    host array (the augmentation draws each sample's parameters from them)."""
+
+    def __init__(self, base, indices: List[int], augment: BatchedTwoViews, finish: bool = False):
+        self.base, self.indices, self.augment, self.size = base, list(indices), augment, augment.size
+        self.finish = finish  # the workers also colour, in PIL (the device is the CPU): finished uint8 views
+        self.samples = getattr(base, "samples", None)
+        base_targets = list(base.targets)
+        self.targets = [base_targets[j] for j in self.indices]
+        self.classes = list(getattr(base, "classes", []))
+        # in shared memory: persistent DataLoader workers (forked once) read the epoch the main process sets
+        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self.transform = f"CroppedViews(size={self.size}, scale={augment.scale}, seed={augment.seed})"
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch[0])
+
+    def set_epoch(self, epoch: int):
+        self._epoch[0] = epoch
+
+    def __len__(self):
+        return len(self.indices)
+
+    def _crop(self, i: int, j: int, epoch: int, out: np.ndarray) -> None:
+        finish = None
+        if self.finish:  # both views' colour parameters: the draws the device path would make for position i
+            views = [{k: a[0] for k, a in p.items()} for p in self.augment.host_params([i], epoch, 1, 1)]
+
+            def finish(view, v):
+                return pil_colour(view, views[v])
+        if self.samples is not None:  # a file: opened lazily, its size read from the header before decoding
+            with Image.open(self.samples[j][0]) as img:
+                crop_pair(img, *self.augment.crop_windows(i, epoch, img.height, img.width), self.size, out, finish)
+            return
+        img, _ = self.base[j]
+        img = img if isinstance(img, Image.Image) else Image.fromarray(np.asarray(img, np.uint8))
+        crop_pair(img, *self.augment.crop_windows(i, epoch, img.height, img.width), self.size, out, finish)
+
+    def _path(self, j):
+        return self.samples[j][0] if self.samples else f"item {j}"
+
+    def __getitems__(self, index):
+        idx = np.asarray(index, dtype=np.int64)
+        epoch, n = self.epoch, len(self)
+        crops = torch.empty((len(idx), 2, self.size, self.size, 3), dtype=torch.uint8)
+        if torch.utils.data.get_worker_info() is not None:
+            crops.share_memory_()  # sent to the main process without another copy
+        out = crops.numpy()
+        labels, skipped = [], 0
+        for k, i in enumerate(idx.tolist()):
+            for attempt in range(n):
+                j = self.indices[(i + attempt) % n]
+                try:
+                    self._crop(i, j, epoch, out[k])
+                    break
+                except IMAGE_ERRORS as e:
+                    skipped += 1
+                    log.warning("skipping unreadable image %s (%s)", self._path(j), e)
+            else:
+                raise UserError("no readable image in the dataset; check the data files")
+            labels.append(self.base.targets[j])
+        return (crops, idx), torch.as_tensor(labels, dtype=torch.long), torch.tensor(skipped)
+
+    def __getitem__(self, i):
+        (crops, index), labels, bad = self.__getitems__([i])
+        return (crops[0], index[0]), labels[0], bad
+
+    @staticmethod
+    def bytes_per_image(size: int) -> int:
+        """What crosses from a worker to the training process per image: two uint8 crops."""
+        return 2 * size * size * 3
