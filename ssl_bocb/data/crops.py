@@ -21,7 +21,7 @@ from PIL import Image, ImageFilter
 from torch.utils.data import Dataset
 
 from ..errors import UserError
-from .batched import BatchedTwoViews
+from .batched import CPU_CHUNK_BYTES, BatchedTwoViews
 from .datasets import IMAGE_ERRORS
 
 log = logging.getLogger(__name__)
@@ -91,8 +91,13 @@ class NormaliseViews:
         if key not in self._on:  # made once per device: a per-call upload would be a host sync
             self._on[key] = (self.scale.to(views.device), self.shift.to(views.device))
         scale, shift = self._on[key]
-        x1, x2 = (torch.addcmul(shift, views[:, v].permute(0, 3, 1, 2).float(), scale).contiguous() for v in range(2))
-        return x1, x2, n_bad
+        n, _, size = views.shape[:3]
+        out = torch.empty((2, n, 3, size, size), device=views.device)
+        step = n if views.device.type != "cpu" else max(1, CPU_CHUNK_BYTES // (2 * 3 * 4 * size * size))
+        for s in range(0, n, step):  # on a CPU a few samples at a time (cache-sized), written in place
+            for v in range(2):
+                torch.addcmul(shift, views[s:s + step, v].permute(0, 3, 1, 2), scale, out=out[v, s:s + step])
+        return out[0], out[1], n_bad
 
 
 class CroppedViews(Dataset):
