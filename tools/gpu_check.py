@@ -14,6 +14,8 @@ Checks, each reported as PASS / FAIL with its figures and peak GPU memory:
   query-chunks      train.query_chunks=4 against 1 (ViT-S/16, batch 256): lower peak memory, finite losses
   knn               faiss on the GPU against the torch backend on the same features: identical top-1
                     (faiss-cpu where faiss has no GPU support, and the row says so)
+  data-large        tools/bench_pretrain.py's data path on 400 ImageNet-size JPEGs (made from the synthetic set): the
+                    plain PIL loader, crops (colour on the GPU) and dali (nvJPEG) in images/s, if DALI is installed
   bench             tools/bench_pretrain.py's step measurements with its MFU line (ViT-S/16, 224 px, bf16)
 
 Exits 2 with a one-line error when no CUDA GPU is present (it never skips silently), 1 when a check fails.
@@ -183,12 +185,27 @@ def check_bench(tmp):
     return True, " | ".join(lines)[:600] or proc.stdout[-600:]
 
 
+def check_data_large(tmp):
+    from ssl_bocb.data.pipeline import dali_available
+    pipelines = ["crops"] + (["dali"] if dali_available() else [])
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "bench_pretrain.py"), "--config",
+           os.path.join(ROOT, "configs", "imagenet_vit_small_adamw.yaml"), "data.name=fake", "data.fake_classes=8",
+           "data.fake_per_class=50", "train.batch_size=128", f"data.cache_dir={tmp}/cache", "--large-jpegs", "50",
+           "--only", "plain-data", "--batches", "12", "--pipelines", *pipelines, "--out", os.path.join(tmp, "data")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=500)
+    if proc.returncode != 0:
+        return False, "bench_pretrain failed: " + proc.stderr.strip().splitlines()[-1][:300]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "KiB" in line]
+    note = "" if "dali" in pipelines else " (DALI not installed: dali not measured)"
+    return len(rows) >= 1 + len(pipelines), (" || ".join(rows) + note)[:900]
+
+
 def _finite(v):
     return v is not None and v == v and abs(v) != float("inf")
 
 
 CHECKS = (["vit-s16-bf16", "resnet50-bf16"] + [f"optim-{n}" for n in ("sam", "sophia", "lars", "lamb", "muon")]
-          + ["resume", "query-chunks", "knn", "bench"])
+          + ["resume", "query-chunks", "knn", "data-large", "bench"])
 
 
 def run_check(name, tmp):
@@ -204,6 +221,8 @@ def run_check(name, tmp):
         return check_knn()
     if name == "query-chunks":
         return check_query_chunks(tmp)
+    if name == "data-large":
+        return check_data_large(tmp)
     return check_bench(tmp)
 
 
