@@ -186,7 +186,7 @@ def test_parameters_are_a_function_of_seed_epoch_and_index_only():
     assert not torch.equal(a[0]["boxes"], other_seed["boxes"])
 
 
-def test_pipeline_auto_chooses_batched_for_small_images_and_pil_otherwise(tmp_path):
+def test_pipeline_auto_chooses_batched_for_small_images_and_crops_otherwise(tmp_path):
     d = two_view_data(data_cfg("data.name=fake", "data.image_size=32"), 0)
     assert d.kind == "batched" and d.loader_kwargs["num_workers"] == 0
     batch = d.dataset.__getitems__([3, 0, 5])
@@ -195,12 +195,15 @@ def test_pipeline_auto_chooses_batched_for_small_images_and_pil_otherwise(tmp_pa
     again = d.views(d.dataset.__getitems__([5]), 0)[0]
     assert torch.allclose(again[0], x1[2], atol=1e-6)  # the same image and index give the same view in any batch
     big = data_cfg("data.name=fake", "data.image_size=32", "data.cache_max_gb=1e-6")
-    assert two_view_data(big, 0).kind == "pil"
+    d = two_view_data(big, 0)
+    assert d.kind == "crops" and "more than data.cache_max_gb" in d.reason
     make_tree(str(tmp_path / "train"), size=40)
     folder = data_cfg("data.name=imagefolder", f"data.root={tmp_path}", "data.image_size=32")
     d = two_view_data(folder, 0)
-    assert d.kind == "pil" and "larger than data.image_size=32" in d.reason
-    with pytest.raises(UserError, match="data.pipeline=batched cannot hold.*larger.*use data.pipeline=pil"):
+    assert d.kind == "crops" and "larger than data.image_size=32" in d.reason
+    assert two_view_data(data_cfg("data.name=imagefolder", f"data.root={tmp_path}", "data.image_size=32",
+                                  "data.pipeline=pil"), 0).kind == "pil"
+    with pytest.raises(UserError, match="data.pipeline=batched cannot hold.*larger.*use data.pipeline=crops"):
         two_view_data(data_cfg("data.name=imagefolder", f"data.root={tmp_path}", "data.image_size=32",
                                "data.pipeline=batched"), 0)
 

@@ -17,7 +17,7 @@ from ssl_bocb.data import batched as B
 from ssl_bocb.data import cache as C
 from ssl_bocb.data.crops import CroppedViews, NormaliseViews, crop_pair, draft_scale, pil_colour
 from ssl_bocb.data.datasets import build_base
-from ssl_bocb.data.pipeline import two_view_data
+from ssl_bocb.data.pipeline import dali_available, two_view_data
 from ssl_bocb.engine import pretrain
 from ssl_bocb.errors import UserError
 
@@ -161,11 +161,14 @@ def test_auto_picks_crops_for_large_images_without_keying_every_file(tmp_path, m
                                "data.pipeline=batched"), 0)
 
 
-def test_crops_path_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("pipeline", ["crops", "dali"])
+def test_large_image_paths_resume_exactly(tmp_path, pipeline):
+    if pipeline == "dali" and not dali_available():
+        pytest.skip("needs NVIDIA DALI: pip install -e '.[dev]'")
     jpeg_tree(str(tmp_path / "data" / "train"), [(50 + 7 * i, 40 + 5 * i) for i in range(8)])
     extra = TINY + ["data.name=imagefolder", f"data.root={tmp_path / 'data'}", "data.image_size=32",
                     "data.num_workers=1", "model.backbone_kwargs={drop_path_rate: 0.2}", "train.save_every_steps=3",
-                    "train.batch_size=4"]
+                    "train.batch_size=4", f"data.pipeline={pipeline}"]
     P = config.PretrainConfig
     full = pretrain(config.load(P, [], extra + [f"output_dir={tmp_path / 'full'}"]))
     part = pretrain(config.load(P, [], extra + [f"output_dir={tmp_path / 'part'}", "train.stop_at_step=5"]))
@@ -175,13 +178,14 @@ def test_crops_path_resumes_exactly(tmp_path):
         return [json.loads(line)["loss"] for line in open(os.path.join(run_dir, "steps.jsonl"))]
     assert len(losses(full)) == 8 and losses(part) == losses(full)
     import yaml
-    assert yaml.safe_load(open(os.path.join(full, "config.yaml")))["derived"]["data_pipeline"] == "crops"
+    assert yaml.safe_load(open(os.path.join(full, "config.yaml")))["derived"]["data_pipeline"] == pipeline
 
 
 # --------------------------------------------------------------------------------------------------------- DALI
-dali = pytest.importorskip("nvidia.dali", reason="the dali tests need NVIDIA DALI: pip install -e '.[dev]'")
+needs_dali = pytest.mark.skipif(not dali_available(), reason="needs NVIDIA DALI: pip install -e '.[dev]'")
 
 
+@needs_dali
 def test_dali_crops_equal_the_workers_crops(tmp_path):
     from ssl_bocb.data.dali import EncodedFiles
     jpeg_tree(str(tmp_path / "train"), [(90, 70), (160, 120), (100, 100)])
