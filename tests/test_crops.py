@@ -60,8 +60,11 @@ def test_crops_equal_torchvision_resized_crop_on_the_same_boxes():
         ref = TF.resized_crop(img, t, l, h, w, [64, 64], antialias=True)
         ref = np.asarray(TF.hflip(ref) if flip else ref).astype(float)
         diff = np.abs(out[v].astype(float) - ref)
-        # PIL's box resize reads past the crop's edge where torchvision's crop-then-resize repeats the edge pixel
-        assert diff.mean() < 1.0 and np.median(diff) <= 1, (v, diff.mean())
+        assert diff.mean() < 0.5 and np.median(diff) <= 1, (v, diff.mean())  # PIL's resize of the same crop
+        tensor = TF.resized_crop(torch.from_numpy(np.array(img)).permute(2, 0, 1), t, l, h, w, [64, 64],
+                                 antialias=True)  # torchvision's op on a uint8 tensor (another memory layout)
+        tensor = tensor.flip(2) if flip else tensor
+        assert np.abs(out[v].astype(int) - tensor.permute(1, 2, 0).numpy()).max() <= 1
 
 
 def test_jpeg_decoded_at_reduced_scale_where_the_crops_allow():

@@ -4,18 +4,22 @@ For images larger than the training crop (ImageNet-size JPEGs), a worker opens t
 header, draws both views' RandomResizedCrop boxes from the per-sample generator (``BatchedTwoViews.crop_windows``,
 keyed by seed, epoch and position: the boxes the batched path would draw for that image), asks libjpeg for the
 image at 1/2, 1/4 or 1/8 scale where both crops stay at least the output size there (DCT scaling, PIL's draft
-mode), and resizes each box to the output size (PIL's antialiased bilinear, as torchvision's RandomResizedCrop on a
-PIL image). It returns the two crops as uint8: 2 x 224 x 224 x 3 bytes per image (294 KiB) where the PIL path
-ships two float32 views (1.15 MiB). Flip, colour jitter, grayscale, blur, solarize and normalisation then run
-batch-wise on the training device (``BatchedTwoViews.view`` with ``cropped=True``), with the parameters the same
-generator gives. Unreadable files are skipped as on the PIL path: the next readable image takes the position.
+mode), and resizes each box to the output size (antialiased bilinear on uint8, torchvision's RandomResizedCrop of a
+tensor), and flips it where drawn. It returns the two crops as uint8: 2 x 224 x 224 x 3 bytes per image (294 KiB)
+where the PIL path ships two float32 views (1.15 MiB). Colour jitter, grayscale, blur, solarize and normalisation
+then run batch-wise on the training device (``BatchedTwoViews.view`` with ``cropped=True``), with the parameters
+the same generator gives; when the training device is the CPU itself, the workers apply the colour ops in PIL with
+those parameters (``finish``) and the training process only normalises. Unreadable files are skipped as on the PIL
+path: the next readable image takes the position.
 """
 import logging
 import math
+import warnings
 from typing import Callable, List, Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter
 from torch.utils.data import Dataset
@@ -40,9 +44,10 @@ def draft_scale(boxes: np.ndarray, size: int) -> int:
 
 def crop_pair(img: Image.Image, boxes: np.ndarray, flips: np.ndarray, size: int, out: np.ndarray,
               finish: Optional[Callable] = None) -> int:
-    """Both views of ``img`` (lazily opened; decoded here) into ``out`` (2, size, size, 3): each box resized to
-    size x size, mirrored where ``flips``, then ``finish(view, v)`` if given. A JPEG is decoded at reduced scale
-    where the boxes allow. Returns the scale used."""
+    """Both views of ``img`` (lazily opened; decoded here) into ``out`` (2, size, size, 3): each box cut and
+    resized to size x size (torch's antialiased bilinear on uint8, torchvision's resized_crop of a tensor), mirrored
+    where ``flips``, then ``finish(view, v)`` (a PIL image) if given. A JPEG is decoded at reduced scale where the
+    boxes allow. Returns the scale used."""
     width, height = img.size
     scale = draft_scale(boxes, size)
     if scale > 1 and img.format == "JPEG":
@@ -51,11 +56,16 @@ def crop_pair(img: Image.Image, boxes: np.ndarray, flips: np.ndarray, size: int,
         scale = 1
     img = img.convert("RGB")
     fx, fy = img.width / width, img.height / height
+    with warnings.catch_warnings():  # PIL's pixels are a read-only buffer; they are only read
+        warnings.simplefilter("ignore", UserWarning)
+        pixels = torch.from_numpy(np.asarray(img)).permute(2, 0, 1)[None]  # (1, 3, h, w) view, no copy
     for v, (top, left, h, w) in enumerate(boxes.tolist()):
-        box = (left * fx, top * fy, (left + w) * fx, (top + h) * fy)
-        view = img.resize((size, size), Image.BILINEAR, box=box)
-        view = view.transpose(Image.FLIP_LEFT_RIGHT) if flips[v] else view
-        out[v] = np.asarray(finish(view, v) if finish else view)
+        t0, l0 = round(top * fy), round(left * fx)
+        t1, l1 = max(t0 + 1, round((top + h) * fy)), max(l0 + 1, round((left + w) * fx))
+        view = F.interpolate(pixels[:, :, t0:t1, l0:l1], size=(size, size), mode="bilinear", antialias=True,
+                             align_corners=False)[0]
+        view = (view.flip(2) if flips[v] else view).permute(1, 2, 0).numpy()
+        out[v] = np.asarray(finish(Image.fromarray(view), v)) if finish else view
     return scale
 
 
