@@ -340,9 +340,10 @@ def markdown(result) -> str:
     rows = result["rows"]
     c, dev = result["cpu"], result["device"]
     lines = [f"Recipe {result['recipe']}, batch {result['batch']}, device {dev}; CPU {c['model']} ({c['cores']} "
-             f"cores; flags: {', '.join(c['flags']) or 'none of avx2/avx512/amx'}); torch {result['torch']}.", "",
-             "| measure | plain images/s | project images/s | project / plain | plain peak MB | project peak MB |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             f"cores; flags: {', '.join(c['flags']) or 'none of avx2/avx512/amx'}); torch {result['torch']}."]
+    if any(f"plain-{kind}" in rows and f"project-{kind}" in rows for kind in KINDS):
+        lines += ["", "| measure | plain images/s | project images/s | project / plain | plain peak MB | project peak MB |",
+                  "| --- | --- | --- | --- | --- | --- |"]
     for kind in KINDS:
         p, q = rows.get(f"plain-{kind}"), rows.get(f"project-{kind}")
         if not (p and q):
