@@ -22,11 +22,9 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter
-from torch.utils.data import Dataset
 
-from ..errors import UserError
 from .batched import CPU_CHUNK_BYTES, BatchedTwoViews
-from .datasets import IMAGE_ERRORS
+from .datasets import SampledImages
 
 log = logging.getLogger(__name__)
 MAX_DRAFT = 8  # libjpeg's DCT scaling goes down to 1/8
@@ -110,39 +108,25 @@ class NormaliseViews:
         return out[0], out[1], n_bad
 
 
-class CroppedViews(Dataset):
+class CroppedViews(SampledImages):
     """Both views' crops of each image as uint8. A batch fetch (``__getitems__``, in a DataLoader worker) returns
     ``((crops, index), labels, n_unreadable)``: crops (n, 2, size, size, 3) in shared memory, the positions as a
     host array (the augmentation draws each sample's parameters from them)."""
 
     def __init__(self, base, indices: List[int], augment: BatchedTwoViews, finish: bool = False):
-        self.base, self.indices, self.augment, self.size = base, list(indices), augment, augment.size
+        super().__init__(base, indices)
+        self.augment, self.size = augment, augment.size
         self.finish = finish  # the workers also colour, in PIL (the device is the CPU): finished uint8 views
-        self.samples = getattr(base, "samples", None)
-        base_targets = list(base.targets)
-        self.targets = [base_targets[j] for j in self.indices]
-        self.classes = list(getattr(base, "classes", []))
-        # in shared memory: persistent DataLoader workers (forked once) read the epoch the main process sets
-        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         self.transform = f"CroppedViews(size={self.size}, scale={augment.scale}, seed={augment.seed})"
-
-    @property
-    def epoch(self) -> int:
-        return int(self._epoch[0])
-
-    def set_epoch(self, epoch: int):
-        self._epoch[0] = epoch
-
-    def __len__(self):
-        return len(self.indices)
 
     def _crop(self, i: int, j: int, epoch: int, out: np.ndarray) -> None:
         finish = None
         if self.finish:  # both views' colour parameters: the draws the device path would make for position i
             views = [{k: a[0] for k, a in p.items()} for p in self.augment.host_params([i], epoch, 1, 1)]
 
-            def finish(view, v):
+            def colour(view, v):
                 return pil_colour(view, views[v])
+            finish = colour
         if self.samples is not None:  # a file: opened lazily, its size read from the header before decoding
             with Image.open(self.samples[j][0]) as img:
                 crop_pair(img, *self.augment.crop_windows(i, epoch, img.height, img.width), self.size, out, finish)
@@ -151,29 +135,18 @@ class CroppedViews(Dataset):
         img = img if isinstance(img, Image.Image) else Image.fromarray(np.asarray(img, np.uint8))
         crop_pair(img, *self.augment.crop_windows(i, epoch, img.height, img.width), self.size, out, finish)
 
-    def _path(self, j):
-        return self.samples[j][0] if self.samples else f"item {j}"
-
     def __getitems__(self, index):
         idx = np.asarray(index, dtype=np.int64)
-        epoch, n = self.epoch, len(self)
+        epoch = self.epoch
         crops = torch.empty((len(idx), 2, self.size, self.size, 3), dtype=torch.uint8)
         if torch.utils.data.get_worker_info() is not None:
             crops.share_memory_()  # sent to the main process without another copy
         out = crops.numpy()
         labels, skipped = [], 0
         for k, i in enumerate(idx.tolist()):
-            for attempt in range(n):
-                j = self.indices[(i + attempt) % n]
-                try:
-                    self._crop(i, j, epoch, out[k])
-                    break
-                except IMAGE_ERRORS as e:
-                    skipped += 1
-                    log.warning("skipping unreadable image %s (%s)", self._path(j), e)
-            else:
-                raise UserError("no readable image in the dataset; check the data files")
+            _, j, bad = self.first_readable(i, lambda j: self._crop(i, j, epoch, out[k]))
             labels.append(self.base.targets[j])
+            skipped += bad
         return (crops, idx), torch.as_tensor(labels, dtype=torch.long), torch.tensor(skipped)
 
     def __getitem__(self, i):

@@ -18,13 +18,12 @@ from typing import List
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
 
 from ..dist import local_main_first
 from ..errors import UserError
 from .batched import BatchedTwoViews
 from .cache import keep_batch
-from .datasets import IMAGE_ERRORS, build_base, per_class_subset
+from .datasets import SampledImages, build_base, per_class_subset
 
 log = logging.getLogger(__name__)
 INSTALL = 'pip install -e ".[dali]" (nvidia-dali-cuda130; nvidia-dali-cuda120 for CUDA 12)'
@@ -38,32 +37,18 @@ def require_dali():
                         f"data.pipeline=crops") from None
 
 
-class EncodedFiles(Dataset):
+class EncodedFiles(SampledImages):
     """Per position, the file's encoded bytes and both views' boxes. A batch fetch returns
     ``((bytes, (boxes, flips), index), labels, n_unreadable)``: a list of uint8 arrays, boxes (n, 2, 4) (top, left,
     h, w) and flips (n, 2), the positions (host arrays all: device placement leaves them)."""
 
     def __init__(self, base, indices: List[int], augment: BatchedTwoViews):
-        self.samples = getattr(base, "samples", None)
+        super().__init__(base, indices)
         if not self.samples:
             raise UserError("data.pipeline=dali reads image files (an ImageFolder tree or an archive of one); this "
                             "dataset is held in arrays: use data.pipeline=auto")
-        self.base, self.indices, self.augment = base, list(indices), augment
-        base_targets = list(base.targets)
-        self.targets = [base_targets[j] for j in self.indices]
-        self.classes = list(getattr(base, "classes", []))
-        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self.augment = augment
         self.transform = f"EncodedFiles(size={augment.size}, scale={augment.scale}, seed={augment.seed})"
-
-    @property
-    def epoch(self) -> int:
-        return int(self._epoch[0])
-
-    def set_epoch(self, epoch: int):
-        self._epoch[0] = epoch
-
-    def __len__(self):
-        return len(self.indices)
 
     def _read(self, i: int, j: int, epoch: int):
         path = self.samples[j][0]
@@ -77,22 +62,14 @@ class EncodedFiles(Dataset):
 
     def __getitems__(self, index):
         idx = np.asarray(index, dtype=np.int64)
-        epoch, n = self.epoch, len(self)
+        epoch = self.epoch
         encoded, labels, skipped = [], [], 0
         boxes, flips = np.empty((len(idx), 2, 4), np.int64), np.empty((len(idx), 2), bool)
         for k, i in enumerate(idx.tolist()):
-            for attempt in range(n):
-                j = self.indices[(i + attempt) % n]
-                try:
-                    data, boxes[k], flips[k] = self._read(i, j, epoch)
-                    break
-                except IMAGE_ERRORS as e:
-                    skipped += 1
-                    log.warning("skipping unreadable image %s (%s)", self.samples[j][0], e)
-            else:
-                raise UserError("no readable image in the dataset; check the data files")
+            (data, boxes[k], flips[k]), j, bad = self.first_readable(i, lambda j: self._read(i, j, epoch))
             encoded.append(data)
             labels.append(self.base.targets[j])
+            skipped += bad
         return (encoded, (boxes, flips), idx), torch.as_tensor(labels, dtype=torch.long), torch.tensor(skipped)
 
 

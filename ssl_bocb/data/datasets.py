@@ -239,20 +239,18 @@ def order_seed(seed: int) -> int:
     return (seed * 0x9E3779B97F4A7C15 + 0x2545F4914F6CDD1D) % (2 ** 62)
 
 
-class TransformedDataset(Dataset):
-    """Applies ``transform`` to a base dataset's images with a per-sample seeded RNG, and survives unreadable
-    images: a corrupt file is skipped (the next readable image takes its place), counted, and reported.
+class SampledImages(Dataset):
+    """A per-class subset (``indices``) of a base dataset whose items are made per epoch in DataLoader workers: the
+    epoch lives in shared memory (persistent workers, forked once, read what the main process sets), and an
+    unreadable image gives its position to the next readable one (:meth:`first_readable`)."""
 
-    ``__getitem__`` returns ``(x, label, n_skipped)``; summing ``n_skipped`` over batches counts the skips.
-    """
-
-    def __init__(self, base, transform, seed: int = 0, indices: Optional[List[int]] = None):
-        self.base, self.transform, self.seed = base, transform, seed
+    def __init__(self, base, indices: Optional[List[int]] = None):
+        self.base = base
         self.indices = list(range(len(base))) if indices is None else list(indices)
         base_targets = list(base.targets)
         self.targets = [base_targets[i] for i in self.indices]
         self.classes = list(getattr(base, "classes", []))
-        # in shared memory: persistent DataLoader workers (forked once) read the epoch the main process sets
+        self.samples = getattr(base, "samples", None)
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
 
     @property
@@ -266,22 +264,37 @@ class TransformedDataset(Dataset):
         return len(self.indices)
 
     def _path(self, j):
-        samples = getattr(self.base, "samples", None)
-        return samples[j][0] if samples else f"item {j}"
+        return self.samples[j][0] if self.samples else f"item {j}"
 
-    def __getitem__(self, i):
-        skipped = 0
+    def first_readable(self, i: int, read):
+        """``(read(j), j, skipped)`` for the first base item ``j`` at or after position ``i`` (wrapping round) that
+        ``read`` gets without an image error; each unreadable one is logged and counted."""
         for attempt in range(len(self)):
             j = self.indices[(i + attempt) % len(self)]
             try:
-                img, label = self.base[j]
-                img = img.convert("RGB") if hasattr(img, "convert") else img
-                break
+                return read(j), j, attempt
             except IMAGE_ERRORS as e:
-                skipped += 1
                 log.warning("skipping unreadable image %s (%s)", self._path(j), e)
-        else:
-            raise UserError("no readable image in the dataset; check the data files")
+        raise UserError("no readable image in the dataset; check the data files")
+
+
+class TransformedDataset(SampledImages):
+    """Applies ``transform`` to a base dataset's images with a per-sample seeded RNG, and survives unreadable
+    images: a corrupt file is skipped (the next readable image takes its place), counted, and reported.
+
+    ``__getitem__`` returns ``(x, label, n_skipped)``; summing ``n_skipped`` over batches counts the skips.
+    """
+
+    def __init__(self, base, transform, seed: int = 0, indices: Optional[List[int]] = None):
+        super().__init__(base, indices)
+        self.transform, self.seed = transform, seed
+
+    def _load(self, j):
+        img, label = self.base[j]
+        return (img.convert("RGB") if hasattr(img, "convert") else img), label
+
+    def __getitem__(self, i):
+        (img, label), _, skipped = self.first_readable(i, self._load)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed(self.seed, self.epoch, i))
             x = self.transform(img)
