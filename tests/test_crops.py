@@ -184,6 +184,37 @@ def test_large_image_paths_resume_exactly(tmp_path, pipeline):
     assert yaml.safe_load(open(os.path.join(full, "config.yaml")))["derived"]["data_pipeline"] == pipeline
 
 
+@pytest.mark.parametrize("pipeline", ["crops", "dali"])
+def test_each_process_gets_its_shard_and_the_same_views_as_one_process(tmp_path, pipeline):
+    """Under Accelerate's sharding (seedable sampler), two processes' batches together are the one-process batch,
+    and each sample's views are the same whichever process makes them (they depend on seed, epoch and position)."""
+    if pipeline == "dali" and not dali_available():
+        pytest.skip("needs NVIDIA DALI: pip install -e '.[dev]'")
+    from accelerate.data_loader import prepare_data_loader
+    from torch.utils.data import DataLoader
+    jpeg_tree(str(tmp_path / "train"), [(50 + 7 * i, 40 + 5 * i) for i in range(6)])
+    d = two_view_data(data_cfg("data.name=imagefolder", f"data.root={tmp_path}", "data.image_size=24",
+                               "data.num_workers=0", f"data.pipeline={pipeline}"), 0)
+
+    def first_batch(batch, processes, rank):
+        loader = DataLoader(d.dataset, batch_size=batch, shuffle=True, drop_last=True,
+                            generator=torch.Generator().manual_seed(0), **d.loader_kwargs)
+        loader = prepare_data_loader(loader, num_processes=processes, process_index=rank, use_seedable_sampler=True,
+                                     data_seed=0)
+        loader.set_epoch(1)
+        d.dataset.set_epoch(1)
+        out = next(iter(loader))
+        x1, x2, _ = d.views(out, 1)
+        return out[0][-1], x1, x2
+    whole, w1, w2 = first_batch(8, 1, 0)
+    shards = [first_batch(4, 2, r) for r in range(2)]
+    idx = np.concatenate([s[0] for s in shards])
+    assert sorted(idx.tolist()) == sorted(whole.tolist()) and len(set(idx.tolist())) == 8
+    for index, x1, x2 in shards:
+        rows = [whole.tolist().index(i) for i in index.tolist()]
+        assert torch.allclose(x1, w1[rows], atol=1e-5) and torch.allclose(x2, w2[rows], atol=1e-5)
+
+
 # --------------------------------------------------------------------------------------------------------- DALI
 needs_dali = pytest.mark.skipif(not dali_available(), reason="needs NVIDIA DALI: pip install -e '.[dev]'")
 
