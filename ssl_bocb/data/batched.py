@@ -339,6 +339,13 @@ class BatchedTwoViews:
             yield s, y[:e - s], y[e - s:]
 
 
+def uint8_normalisation(mean, std) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift), each (1, 3, 1, 1): ``uint8 * scale + shift`` is the normalised float image."""
+    scale = torch.tensor([1 / (255 * s) for s in std]).view(1, 3, 1, 1)
+    shift = torch.tensor([-m / s for m, s in zip(mean, std)]).view(1, 3, 1, 1)
+    return scale, shift
+
+
 def upload(host: torch.Tensor, device) -> torch.Tensor:
     """``host`` on ``device`` without a host sync: through pinned memory, asynchronously, on a GPU."""
     device = torch.device(device)

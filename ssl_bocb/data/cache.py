@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from ..dist import local_main_first
 from ..errors import UserError
 from .archive import default_cache_dir
-from .datasets import IMAGE_ERRORS, CIFAR10Files, build_base, per_class_subset
+from .datasets import IMAGE_ERRORS, CIFAR10Files, subset_base
 
 log = logging.getLogger(__name__)
 
@@ -148,11 +148,8 @@ def decoded_dataset(data_cfg, split: str, subset: Optional[int] = None):
 
 
 def _decoded_dataset(data_cfg, split: str, subset: Optional[int]):
-    base = build_base(data_cfg, split)
     n = data_cfg.subset if subset is None else subset
-    indices = per_class_subset(list(base.targets), n)
-    if not indices:
-        raise UserError(f"{data_cfg.name} {split} split is empty; check data.root and data.subset")
+    base, indices = subset_base(data_cfg, split, n)
     targets = [base.targets[i] for i in indices]
     classes = list(getattr(base, "classes", []))
     max_bytes = data_cfg.cache_max_gb * 2 ** 30

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter
 
-from .batched import CPU_CHUNK_BYTES, BatchedTwoViews
+from .batched import CPU_CHUNK_BYTES, BatchedTwoViews, uint8_normalisation
 from .datasets import SampledImages
 
 log = logging.getLogger(__name__)
@@ -89,8 +89,7 @@ class NormaliseViews:
     """The device side of finished views: uint8 (n, 2, s, s, 3) -> two normalised float32 (n, 3, s, s)."""
 
     def __init__(self, mean, std):
-        self.scale = torch.tensor([1 / (255 * s) for s in std]).view(1, 3, 1, 1)
-        self.shift = torch.tensor([-m / s for m, s in zip(mean, std)]).view(1, 3, 1, 1)
+        self.scale, self.shift = uint8_normalisation(mean, std)
         self._on = {}
 
     def __call__(self, batch, epoch):

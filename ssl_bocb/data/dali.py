@@ -5,8 +5,8 @@ path). Its workers only read each file's bytes and its size from the header, and
 the per-sample generator (``BatchedTwoViews.crop_windows``: the boxes the batched and crops paths use for that image
 and epoch). The training process hands the encoded batch to a DALI pipeline: ``fn.decoders.image`` (the "mixed"
 nvJPEG decoder on a GPU, libjpeg-turbo on DALI's CPU backend) and one ``fn.resize`` per view over the box (absolute
-ROI, antialiased bilinear), giving uint8 (n, 2, size, size, 3) on the device; flip, colour, blur, solarize and
-normalisation follow batch-wise there (``BatchedTwoViews``). A file whose header is unreadable is skipped in the
+ROI, antialiased bilinear) and ``fn.flip``, giving uint8 (n, 2, size, size, 3) on the device; colour, blur, solarize
+and normalisation follow batch-wise there (``BatchedTwoViews``). A file whose header is unreadable is skipped in the
 worker as on the other paths; one that DALI cannot decode stops the run with its error.
 
 Install: ``pip install -e ".[dali]"`` (the CUDA 13 build; for CUDA 12 install ``nvidia-dali-cuda120`` instead).
@@ -19,11 +19,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..dist import local_main_first
 from ..errors import UserError
 from .batched import BatchedTwoViews
 from .cache import keep_batch
-from .datasets import SampledImages, build_base, per_class_subset
+from .datasets import SampledImages, subset_base
 
 log = logging.getLogger(__name__)
 INSTALL = 'pip install -e ".[dali]" (nvidia-dali-cuda130; nvidia-dali-cuda120 for CUDA 12)'
@@ -145,11 +144,7 @@ def dali_data(data_cfg, augment: BatchedTwoViews, device: torch.device, reason: 
     """TwoViewData of the DALI path: file reading in ``workers`` DataLoader workers, decoding in DALI."""
     from .pipeline import TwoViewData, worker_options
     require_dali()
-    with local_main_first():
-        base = build_base(data_cfg, data_cfg.train_split)
-    indices = per_class_subset(list(base.targets), data_cfg.subset)
-    if not indices:
-        raise UserError(f"{data_cfg.name} {data_cfg.train_split} split is empty; check data.root and data.subset")
+    base, indices = subset_base(data_cfg, data_cfg.train_split)
     dataset = EncodedFiles(base, indices, augment)
     views = _DaliViews(DaliCrops(augment.size, device, max(1, workers)), augment)
     return TwoViewData(dataset, views, "dali", dict(collate_fn=keep_batch, **worker_options(workers)), reason)

@@ -301,13 +301,19 @@ class TransformedDataset(SampledImages):
         return x, label, skipped
 
 
-def build_dataset(data_cfg, split: str, transform, seed: int = 0, subset: Optional[int] = None):
-    """Base dataset for ``split`` -> per-class subset (``data.subset`` unless given) -> transform wrapper. In a
-    multi-process run the main process of each node builds it first (unpacking or downloading), then the others."""
+def subset_base(data_cfg, split: str, subset: Optional[int] = None):
+    """(base dataset, indices of its per-class subset: ``data.subset`` unless given) for ``split``; one line when
+    the subset is empty. In a multi-process run the main process of each node builds it first (unpacking or
+    downloading), then the others."""
     with local_main_first():
         base = build_base(data_cfg, split)
-    n = data_cfg.subset if subset is None else subset
-    ds = TransformedDataset(base, transform, seed, per_class_subset(list(base.targets), n))
-    if len(ds) == 0:
+    indices = per_class_subset(list(base.targets), data_cfg.subset if subset is None else subset)
+    if not indices:
         raise UserError(f"{data_cfg.name} {split} split is empty; check data.root and data.subset")
-    return ds
+    return base, indices
+
+
+def build_dataset(data_cfg, split: str, transform, seed: int = 0, subset: Optional[int] = None):
+    """Base dataset for ``split`` -> per-class subset (``data.subset`` unless given) -> transform wrapper."""
+    base, indices = subset_base(data_cfg, split, subset)
+    return TransformedDataset(base, transform, seed, indices)

@@ -3,8 +3,9 @@
 - batched: the images share one size no larger than the crop and fit in ``data.cache_max_gb``: held decoded (uint8),
   both views cut and augmented batch-wise on the training device; no workers.
 - dali: larger images, a CUDA device and NVIDIA DALI installed: files read and crops decoded by DALI on the GPU.
-- crops: larger images otherwise: DataLoader workers decode (at reduced scale where the crops allow) and crop, the
-  training device does flip, colour, blur, solarize and normalisation batch-wise.
+- crops: larger images otherwise: DataLoader workers decode (at reduced scale where the crops allow), crop and flip,
+  the training device does colour, blur, solarize and normalisation batch-wise (on a CPU device the workers colour
+  too, in PIL).
 - pil: torchvision's per-image PIL transforms in the workers; only when asked for (the reference recipe).
 
 All but pil draw every sample's parameters from one generator keyed by (seed, epoch, position), so the crop windows
@@ -20,10 +21,10 @@ from torch.utils.data import Dataset
 
 from ..dist import local_main_first
 from ..errors import UserError
-from .batched import BatchedTwoViews
+from .batched import BatchedTwoViews, uint8_normalisation
 from .cache import DecodedImages, decoded_dataset, keep_batch
 from .crops import CroppedViews, NormaliseViews
-from .datasets import build_base, build_dataset, per_class_subset
+from .datasets import build_dataset, subset_base
 from .transforms import eval_resize, eval_transform, norm_stats, pretrain_transform
 
 log = logging.getLogger(__name__)
@@ -97,19 +98,15 @@ def _two_view_data(data_cfg, seed: int, device: torch.device) -> TwoViewData:
             reason = f"{reason}; DALI is installed and the device is {device}: decoding on the GPU"
             log.info("data.pipeline=auto chose dali: %s", reason.lstrip("; "))
         return dali_data(data_cfg, augment, device, reason, num_workers(data_cfg))
-    with local_main_first():
-        base = build_base(data_cfg, data_cfg.train_split)
-    indices = per_class_subset(list(base.targets), data_cfg.subset)
-    if not indices:
-        raise UserError(f"{data_cfg.name} {data_cfg.train_split} split is empty; check data.root and data.subset")
+    base, indices = subset_base(data_cfg, data_cfg.train_split)
     if choice == "auto":
         why_not_dali = "DALI is not installed" if not dali_available() else f"the device is {device}, not a GPU"
         reason = (f"{reason}; {why_not_dali}: {num_workers(data_cfg)} workers per process decode and crop, "
                   f"{'and colour (the device is the CPU)' if device.type == 'cpu' else f'colour on {device}'}")
         log.info("data.pipeline=auto chose crops: %s", reason.lstrip("; "))
     workers = num_workers(data_cfg)
-    # On a GPU the workers only decode and crop. On a CPU the training process's cores are the workers' cores:
-    # the workers also flip and colour (the same batched ops, one thread each) and send finished uint8 views.
+    # On a GPU the workers only decode, crop and flip. On a CPU the training process's cores are the workers' cores:
+    # the workers also colour (PIL's uint8 ops, with the same parameters) and send finished uint8 views.
     finish = device.type == "cpu" and workers > 0
     views = NormaliseViews(augment.mean, augment.std) if finish else _TensorViews(augment)
     return TwoViewData(CroppedViews(base, indices, augment, finish=finish), views, "crops",
@@ -144,8 +141,7 @@ class NormalisedImages(Dataset):
 
     def __init__(self, images: DecodedImages, mean, std):
         self.images, self.targets, self.classes = images, images.targets, images.classes
-        self.scale = torch.tensor([1 / (255 * s) for s in std]).view(1, 3, 1, 1)
-        self.shift = torch.tensor([-m / s for m, s in zip(mean, std)]).view(1, 3, 1, 1)
+        self.scale, self.shift = uint8_normalisation(mean, std)
         self.transform = f"DecodedNormalise(mean={tuple(mean)}, std={tuple(std)})"  # names it in feature-cache keys
 
     def __len__(self):
