@@ -408,3 +408,25 @@ def test_report_shows_each_runs_instability_from_its_summary_json(tmp_path):
     assert "| vit | lamb | 4.00 | - | 3.50 | 0.50 |" in md  # the pair's mean over its two runs
     data = json.loads((out / "bocb.json").read_text())
     assert data["stability"]["run1"]["first_layers"] == {"first_layer": 3}
+
+
+def test_a_committed_sweep_table_without_its_run_folders_keeps_its_stability_counts(tmp_path):
+    """A study's table read on another machine: the run folders are not there, so the stability section takes each
+    cell's counts from the table (source results.csv), and a cell whose table has no counts is left out of it."""
+    header = ["cell", "hash", "optimizer", "seed", "timm_model", "optim_name", "state", "knn_top1", "images_per_s",
+              "grad_spikes", "knn_dips", "nonfinite_steps", "rollbacks", "folder"]
+    rows = [["sgd__s0", "a1", "sgd", 0, "resnet18", "sgd", "done", 30.0, 100.0, 2, "", 1, 0, "/nowhere/a"],
+            ["sgd__s1", "a2", "sgd", 1, "resnet18", "sgd", "done", 31.0, 110.0, 0, "", 0, 0, "/nowhere/b"],
+            ["lars__s0", "b1", "lars", 0, "resnet18", "lars", "done", 35.0, 90.0, "", "", "", "", "/nowhere/c"]]
+    path = tmp_path / "results.csv"
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([header] + rows)
+    from ssl_bocb.analysis.report import analyze
+    paths = analyze(str(path), str(tmp_path / "report"), progress=False)
+    data = json.load(open(paths["json"]))
+    assert set(data["stability"]) == {"sgd__s0", "sgd__s1"}
+    assert data["stability"]["sgd__s0"] == dict(source="results.csv", logged_steps=None, loss_spikes=None, dips=None,
+                                                 grad_spikes=2, knn_dips=None, nonfinite_steps=1, rollbacks=0)
+    md = open(paths["md"]).read()
+    assert "| sgd__s0 | results.csv |" in md and "## Cost" in md
+    assert "| resnet18 | sgd | 1.00 | - | 0.50 | 0.00 |" in md  # the pair's means over the table's counts

@@ -340,6 +340,10 @@ def test_a_committed_results_table_counts_as_done_on_a_new_machine(tmp_path, mon
     from ssl_bocb.analysis.report import analyze  # the committed table alone is a source for the report
     report = json.load(open(analyze(str(table), str(tmp_path / "report"), progress=False)["json"]))
     assert report["kind"] == "sweep" and report["study"]["cells"][0]["mean"] == pytest.approx(float(row["knn_top1"]))
+    # its stability counts come from the table, the run folder being gone
+    events = report["stability"][row["cell"]]
+    assert events["source"] == "results.csv" and events["grad_spikes"] == int(row["grad_spikes"])
+    assert events["nonfinite_steps"] == int(row["nonfinite_steps"])
     # a changed stage config is not the committed result: that cell runs again
     changed = write_sweep(tmp_path, name="c", results="studies/c/results.csv",
                           axes={"optimizer": {"key": "optim.name", "values": ["sgd"]}},

@@ -116,8 +116,20 @@ def _sweep_rows(path, header, raw, metric) -> Source:
                          folder=r.get("folder", ""), images_per_s=_num(r.get("images_per_s")),
                          peak_mem_mb=_num(r.get("peak_mem_mb")), final_loss=_num(r.get("final_loss")),
                          pretrain_s=_num(r.get("pretrain_s")), timm_model=r["timm_model"],
-                         **{m: _num(r.get(m)) for m in metrics}))
+                         table_events=_table_events(r), **{m: _num(r.get(m)) for m in metrics}))
     return Source(path, "sweep", metric, rows, metrics, skipped)
+
+
+def _table_events(r: Dict) -> Optional[Dict]:
+    """The stability counts a sweep's table keeps for each cell (its runner copied them from the run's summary.json),
+    for a report made where the run folder is not: a committed study's table on another machine. None when the table
+    has no such columns."""
+    counts = {k: _num(r.get(c)) for k, c in (("grad_spikes", "grad_spikes"), ("knn_dips", "knn_dips"),
+                                             ("nonfinite_steps", "nonfinite_steps"), ("rollbacks", "rollbacks"))}
+    if all(v is None for v in counts.values()):
+        return None
+    counts = {k: None if v is None else int(v) for k, v in counts.items()}
+    return dict(source="results.csv", logged_steps=None, loss_spikes=None, dips=counts["knn_dips"], **counts)
 
 
 def _csv_rows(path, header, raw, metric) -> Source:
@@ -516,7 +528,7 @@ def analyze(source_path: str, out_dir: str, opts: Options = Options(), progress:
     with_hp = [r for r in src.rows if r.get("lr") or r.get("wd")]
     if with_hp:
         _hp_section(doc, result, with_hp, fig_dir)
-    folders = [r for r in src.rows if r.get("folder") and os.path.isdir(r["folder"])]
+    folders = [r for r in src.rows if (r.get("folder") and os.path.isdir(r["folder"])) or r.get("table_events")]
     if folders:
         runs = _measure_runs(folders, opts, out_dir, progress)
         result.update(stability=runs.events, optimizer_state_mb=runs.opt_mb, images_seen=runs.seen,
@@ -635,6 +647,9 @@ def _measure_runs(folders: List[Dict], opts: Options, out_dir: str, progress: bo
     for r in bar:
         bar.set_postfix_str(os.path.basename(r["folder"])[:40])
         key = r.get("cell") or os.path.basename(r["folder"])
+        if not (r.get("folder") and os.path.isdir(r["folder"])):  # only the table's counts: no folder here
+            runs.events[key] = dict(r["table_events"])
+            continue
         runs.events[key] = run_events(r["folder"])
         finetune = os.path.join(r["folder"], "finetune")
         if os.path.isfile(os.path.join(finetune, "summary.json")):
@@ -691,8 +706,9 @@ def _events_tables(doc: Doc, runs: RunMeasurements, events: Dict, dips: str) -> 
 
 def _stability_section(doc: Doc, runs: RunMeasurements) -> None:
     doc.h(2, "Stability")
-    doc.p("Per run, from its summary.json (counted online by the training loop on every step) or, for a run "
-          "that wrote none, from its logs: gradient-norm and loss spikes (a value above 3 x the median of the "
+    doc.p("Per run, from its summary.json (counted online by the training loop on every step), for a run "
+          "that wrote none from its logs, and for a run whose folder is not on this machine from the counts the "
+          "sweep's table kept (source results.csv: no step or loss-spike counts): gradient-norm and loss spikes (a value above 3 x the median of the "
           "20 before it; consecutive spiking steps are one event), kNN-monitor dips (a reading more than 2 points "
           "below the best before it; '-' when the run had no monitor), steps skipped for a non-finite loss or "
           "gradient, rollbacks to an earlier checkpoint, and the layer whose gradient norm spiked first.")
