@@ -314,6 +314,24 @@ def test_plan_resolves_recipe_paths_from_another_folder(tmp_path):
     assert "12 cells" in proc.stdout + proc.stderr
 
 
+@pytest.mark.parametrize("name", sorted(f for f in os.listdir(os.path.join(REPO, "configs", "sweeps"))
+                                  if f.endswith(".yaml")))
+def test_shipped_sweeps_plan_and_their_committed_rows_stay_done(name):
+    """Every sweep file in configs/sweeps plans, and every row of its committed results table is still one of its
+    cells with the same stage hashes: an edit to a recipe or a sweep file that would make a new checkout rerun a
+    committed study fails here."""
+    p = plan(os.path.join(REPO, "configs", "sweeps", name), ["data.root=" + os.path.join(REPO, "..", "shared", "data")])
+    assert p.cells
+    if not p.results or not os.path.isfile(p.results):
+        return
+    with open(p.results) as f:
+        rows = [r for r in csv.DictReader(f) if r["state"] == "done"]
+    ids = {c.id: c for c in p.cells}
+    assert rows and all(f"{r['cell']}-{r['hash']}" in ids for r in rows)
+    assert all(ids[f"{r['cell']}-{r['hash']}"].committed is not None for r in rows)
+    assert all(cell_status(ids[f"{r['cell']}-{r['hash']}"])["state"] == "done" for r in rows)
+
+
 def test_a_committed_results_table_counts_as_done_on_a_new_machine(tmp_path, monkeypatch):
     """With `results:`, run writes each finished cell's row to a table kept in the repository; a fresh checkout (no
     cell folders) plans those cells as done and does not run them again, and collect keeps their rows."""
