@@ -357,6 +357,8 @@ def test_analyze_a_csv_writes_report_html_with_every_figure(tmp_path):
     assert all(math.isfinite(c["cut"]) and c["gap"] >= 0 for c in data["study"]["cells"])
     assert data["families"] == {"sgd": "a", "lars": "c", "adamw": "b", "lamb": "b"}
     assert {d["distance"] for d in data["hp_robustness"]["backbone"]["distances"]} == {0}
+    assert "### Sensitivity over the grid" in md and len(data["hp_sensitivity"]) == 8
+    assert all(s["span"] == pytest.approx(3.0) and 0.0 < s["spread"] < 3.0 for s in data["hp_sensitivity"])
 
 
 def test_analyze_refuses_bad_input_with_one_line(tmp_path):
@@ -430,3 +432,19 @@ def test_a_committed_sweep_table_without_its_run_folders_keeps_its_stability_cou
     md = open(paths["md"]).read()
     assert "| sgd__s0 | results.csv |" in md and "## Cost" in md
     assert "| resnet18 | sgd | 1.00 | - | 0.50 | 0.00 |" in md  # the pair's means over the table's counts
+
+
+def test_hp_sensitivity_gives_each_pairs_scores_over_its_grid_and_their_spread():
+    rows = [dict(backbone="vit", optimizer="adamw", lr=lr, wd="0.05", seed=s, score=v)
+            for lr, vals in (("0.00015", (34.0, 36.0)), ("5e-05", (33.0,)), ("0.00045", (34.5,))) for s, v in
+            enumerate(vals)]
+    rows += [dict(backbone="vit", optimizer="lamb", lr=lr, wd="0.05", seed=0, score=v)
+             for lr, v in (("0.0015", 34.0), ("0.0045", 28.0), ("0.0005", 33.0))]
+    rows += [dict(backbone="vit", optimizer="sgd", lr="0.03", wd="", seed=0, score=35.0)]  # one point: no entry
+    sens = bocb.hp_sensitivity(rows)
+    assert list(sens) == [("vit", "adamw"), ("vit", "lamb")]
+    adamw, lamb = sens[("vit", "adamw")], sens[("vit", "lamb")]
+    assert [p[0] for p in adamw.points] == ["5e-05", "0.00015", "0.00045"]  # sorted by the lr's value
+    assert adamw.points[1] == ("0.00015", "0.05", 35.0, 2)
+    assert adamw.spread == pytest.approx(2.0) and lamb.spread == pytest.approx(6.0)
+    assert adamw.span == pytest.approx(9.0) and lamb.span == pytest.approx(9.0)

@@ -321,3 +321,48 @@ def best_settings(rows: Iterable[Dict]) -> Dict[Pair, Tuple[str, str]]:
     cells = cell_stats([dict(r, score=0.0 if r.get("score") is None else r["score"]) for r in rows
                         if _key(r.get("lr")) or _key(r.get("wd"))])
     return OrderedDict((pair, (c.lr or "", c.wd or "")) for pair, c in cells.items())
+
+
+@dataclass
+class Sensitivity:
+    """How much one pair's result moves over its (lr, wd) grid: the mean over seeds at each grid point (sorted by lr,
+    then wd), and the spread, its best mean minus its worst. Compare spreads between optimizers only over grids that
+    span the same factor (``span``: the largest lr over the smallest)."""
+    backbone: str
+    optimizer: str
+    points: List[Tuple[str, str, float, int]]  # (lr, wd, mean score, seeds)
+    spread: float
+    span: Optional[float]
+
+    def to_json(self) -> Dict:
+        return asdict(self)
+
+
+def _as_float(v: str) -> float:
+    try:
+        return float(v)
+    except ValueError:
+        return math.nan
+
+
+def hp_sensitivity(rows: Iterable[Dict]) -> "OrderedDict[Pair, Sensitivity]":
+    """Per (backbone, optimizer) run at two or more (lr, wd) grid points, its mean score at each and the spread."""
+    points: "OrderedDict[Pair, OrderedDict[Tuple[str, str], List[float]]]" = OrderedDict()
+    for r in rows:
+        s = r.get("score")
+        if s is None or (isinstance(s, float) and math.isnan(s)):
+            continue
+        pair = (str(r["backbone"]), str(r["optimizer"]))
+        points.setdefault(pair, OrderedDict()).setdefault((_key(r.get("lr")), _key(r.get("wd"))), []).append(
+            float(s))
+    out: "OrderedDict[Pair, Sensitivity]" = OrderedDict()
+    for pair, by_point in points.items():
+        if len(by_point) < 2:
+            continue
+        pts = sorted(((lr, wd, float(np.mean(v)), len(v)) for (lr, wd), v in by_point.items()),
+                     key=lambda p: (_as_float(p[0]), p[0], _as_float(p[1]), p[1]))
+        means = [p[2] for p in pts]
+        lrs = [_as_float(p[0]) for p in pts if p[0]]
+        span = max(lrs) / min(lrs) if lrs and all(x > 0 for x in lrs) and len(set(lrs)) > 1 else None
+        out[pair] = Sensitivity(pair[0], pair[1], pts, float(max(means) - min(means)), span)
+    return out

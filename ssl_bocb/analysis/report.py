@@ -616,6 +616,19 @@ def _hp_section(doc: Doc, result: Dict, with_hp: List[Dict], fig_dir: str) -> No
                     sum(x == 4 for x in d)] for g, d in groups.items()])
     doc.img(fig_robustness(robust, os.path.join(fig_dir, "hp_robustness.png")),
             "one-hot distance of each pair's best (lr, wd) to the mode, both readings")
+    sens = bocb.hp_sensitivity(with_hp)
+    if sens:
+        result["hp_sensitivity"] = [s.to_json() for s in sens.values()]
+        doc.h(3, "Sensitivity over the grid")
+        doc.p("Per pair run at two or more grid points: the mean score at each (lr / wd, low to high), the "
+              "spread (best minus worst) and the factor the lr grid spans. A larger spread over the same span is a "
+              "more hyper-parameter-sensitive pairing; with one seed per point, a spread no larger than the pair's "
+              "seed-to-seed spread is not a finding.")
+        doc.table(["backbone", "optimizer", "score by lr / wd", "best lr", "spread", "lr span"],
+                  [[s.backbone, s.optimizer,
+                    ", ".join(f"{lr or '-'}{'/' + wd if wd else ''}: {m:.2f}" for lr, wd, m, _ in s.points),
+                    max(s.points, key=lambda p: p[2])[0] or None, s.spread,
+                    None if s.span is None else f"x{s.span:g}"] for s in sens.values()])
 
 
 @dataclass
