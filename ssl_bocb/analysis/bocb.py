@@ -92,10 +92,8 @@ def _key(v) -> str:
     return "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
 
 
-def cell_stats(rows: Iterable[Dict], method: str = "t", level: float = 0.95) -> "OrderedDict[Pair, CellStat]":
-    """One statistic per (backbone, optimizer): the mean over seeds and its interval. When a pair was run at
-    several (lr, wd) grid points, the pair's result is its best grid point by mean score (the tuned result, as the
-    BOCB paper reports), and that point is recorded in ``lr`` / ``wd``."""
+def _grid_points(rows: Iterable[Dict]) -> "OrderedDict[Pair, OrderedDict[Tuple[str, str], List[float]]]":
+    """The scores of each (backbone, optimizer) at each of its (lr, wd) grid points; rows without a score left out."""
     points: "OrderedDict[Pair, OrderedDict[Tuple[str, str], List[float]]]" = OrderedDict()
     for r in rows:
         s = r.get("score")
@@ -104,6 +102,14 @@ def cell_stats(rows: Iterable[Dict], method: str = "t", level: float = 0.95) -> 
         pair = (str(r["backbone"]), str(r["optimizer"]))
         points.setdefault(pair, OrderedDict()).setdefault((_key(r.get("lr")), _key(r.get("wd"))), []).append(
             float(s))
+    return points
+
+
+def cell_stats(rows: Iterable[Dict], method: str = "t", level: float = 0.95) -> "OrderedDict[Pair, CellStat]":
+    """One statistic per (backbone, optimizer): the mean over seeds and its interval. When a pair was run at
+    several (lr, wd) grid points, the pair's result is its best grid point by mean score (the tuned result, as the
+    BOCB paper reports), and that point is recorded in ``lr`` / ``wd``."""
+    points = _grid_points(rows)
     out: "OrderedDict[Pair, CellStat]" = OrderedDict()
     for pair, by_point in points.items():
         (lr, wd), scores = max(by_point.items(), key=lambda kv: float(np.mean(kv[1])))
@@ -347,14 +353,7 @@ def _as_float(v: str) -> float:
 
 def hp_sensitivity(rows: Iterable[Dict]) -> "OrderedDict[Pair, Sensitivity]":
     """Per (backbone, optimizer) run at two or more (lr, wd) grid points, its mean score at each and the spread."""
-    points: "OrderedDict[Pair, OrderedDict[Tuple[str, str], List[float]]]" = OrderedDict()
-    for r in rows:
-        s = r.get("score")
-        if s is None or (isinstance(s, float) and math.isnan(s)):
-            continue
-        pair = (str(r["backbone"]), str(r["optimizer"]))
-        points.setdefault(pair, OrderedDict()).setdefault((_key(r.get("lr")), _key(r.get("wd"))), []).append(
-            float(s))
+    points = _grid_points(rows)
     out: "OrderedDict[Pair, Sensitivity]" = OrderedDict()
     for pair, by_point in points.items():
         if len(by_point) < 2:
