@@ -124,12 +124,16 @@ def _table_events(r: Dict) -> Optional[Dict]:
     """The stability counts a sweep's table keeps for each cell (its runner copied them from the run's summary.json),
     for a report made where the run folder is not: a committed study's table on another machine. None when the table
     has no such columns."""
-    counts = {k: _num(r.get(c)) for k, c in (("grad_spikes", "grad_spikes"), ("knn_dips", "knn_dips"),
-                                             ("nonfinite_steps", "nonfinite_steps"), ("rollbacks", "rollbacks"))}
+    counts = {k: _num(r.get(k)) for k in ("grad_spikes", "knn_dips", "nonfinite_steps", "rollbacks")}
     if all(v is None for v in counts.values()):
         return None
     counts = {k: None if v is None else int(v) for k, v in counts.items()}
     return dict(source="results.csv", logged_steps=None, loss_spikes=None, dips=counts["knn_dips"], **counts)
+
+
+def _has_folder(r: Dict) -> bool:
+    """Whether the row's run folder is on this machine."""
+    return bool(r.get("folder")) and os.path.isdir(r["folder"])
 
 
 def _csv_rows(path, header, raw, metric) -> Source:
@@ -528,7 +532,7 @@ def analyze(source_path: str, out_dir: str, opts: Options = Options(), progress:
     with_hp = [r for r in src.rows if r.get("lr") or r.get("wd")]
     if with_hp:
         _hp_section(doc, result, with_hp, fig_dir)
-    folders = [r for r in src.rows if (r.get("folder") and os.path.isdir(r["folder"])) or r.get("table_events")]
+    folders = [r for r in src.rows if _has_folder(r) or r.get("table_events")]
     if folders:
         runs = _measure_runs(folders, opts, out_dir, progress)
         result.update(stability=runs.events, optimizer_state_mb=runs.opt_mb, images_seen=runs.seen,
@@ -660,7 +664,7 @@ def _measure_runs(folders: List[Dict], opts: Options, out_dir: str, progress: bo
     for r in bar:
         bar.set_postfix_str(os.path.basename(r["folder"])[:40])
         key = r.get("cell") or os.path.basename(r["folder"])
-        if not (r.get("folder") and os.path.isdir(r["folder"])):  # only the table's counts: no folder here
+        if not _has_folder(r):  # only the table's counts: no folder here
             runs.events[key] = dict(r["table_events"])
             continue
         runs.events[key] = run_events(r["folder"])
@@ -721,10 +725,10 @@ def _stability_section(doc: Doc, runs: RunMeasurements) -> None:
     doc.h(2, "Stability")
     doc.p("Per run, from its summary.json (counted online by the training loop on every step), for a run "
           "that wrote none from its logs, and for a run whose folder is not on this machine from the counts the "
-          "sweep's table kept (source results.csv: no step or loss-spike counts): gradient-norm and loss spikes (a value above 3 x the median of the "
-          "20 before it; consecutive spiking steps are one event), kNN-monitor dips (a reading more than 2 points "
-          "below the best before it; '-' when the run had no monitor), steps skipped for a non-finite loss or "
-          "gradient, rollbacks to an earlier checkpoint, and the layer whose gradient norm spiked first.")
+          "sweep's table kept (source results.csv: no step or loss-spike counts): gradient-norm and loss spikes "
+          "(a value above 3 x the median of the 20 before it; consecutive spiking steps are one event), "
+          "kNN-monitor dips (a reading more than 2 points below the best before it; '-' when the run had no "
+          "monitor), steps skipped for a non-finite loss or gradient, rollbacks to an earlier checkpoint, and the layer whose gradient norm spiked first.")
     _events_tables(doc, runs, runs.events, "kNN dips")
     if runs.finetune_events:
         doc.h(3, "Fine-tuning")
