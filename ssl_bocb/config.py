@@ -47,9 +47,15 @@ class DataConfig:
     # Normalisation; null = the dataset's own statistics (ImageNet statistics for folders).
     mean: Optional[List[float]] = None
     std: Optional[List[float]] = None
-    # Split names for imagefolder / stl10 (pretraining uses train_split).
+    # Split names for imagefolder / stl10 (pretraining uses train_split). test_split=holdout evaluates on the
+    # validation images that holdout_per_class keeps out of train_split.
     train_split: str = "train"
     test_split: str = "test"
+    # Validation split: the last N images of each class of train_split (in file order) are held out. Pretraining,
+    # the kNN bank, the probe's training set and data.subset never see them; data.test_split=holdout evaluates on
+    # them (results go to val_<stage>_metrics.json), and the kNN monitor reads them instead of the test split, so
+    # that every choice can be made without the test split. 0 = no validation split.
+    holdout_per_class: int = 0
     # DataLoader worker processes per training process (the crops and PIL paths; batched needs none). null = the
     # CPUs available to this process divided by the processes on its node.
     num_workers: Optional[int] = None
@@ -393,7 +399,7 @@ POSITIVE = ("data.cache_max_gb", "train.epochs", "train.batch_size", "optim.base
             "stability.spike_min_history", "train.log_every", "finetune.log_every", "train.query_chunks",
             "finetune.stability.nonfinite_patience", "finetune.stability.rollback_lr_factor",
             "finetune.stability.spike_factor", "finetune.stability.spike_window", "finetune.stability.spike_min_history")
-NON_NEGATIVE = ("optim.weight_decay", "train.warmup_epochs", "data.subset", "data.num_workers",
+NON_NEGATIVE = ("optim.weight_decay", "train.warmup_epochs", "data.subset", "data.num_workers", "data.holdout_per_class",
                 "train.save_every", "train.save_every_steps", "optim.grad_clip", "train.stop_at_step",
                 "monitor.knn_every", "test_subset", "linear.weight_decay", "finetune.warmup_epochs",
                 "finetune.optim.weight_decay", "finetune.drop_path", "finetune.label_smoothing", "finetune.mixup",

@@ -214,16 +214,56 @@ def _native(name, root, split, download):
                         f"and copy or download them again") from None
 
 
-def per_class_subset(targets: List[int], n: int) -> List[int]:
-    """Indices of the first ``n`` images of each class, in dataset order (deterministic); n=0 keeps all."""
+def per_class_subset(targets: List[int], n: int, pool: Optional[List[int]] = None) -> List[int]:
+    """Indices of the first ``n`` images of each class, in dataset order (deterministic), among ``pool`` (default:
+    every index); n=0 keeps all."""
+    pool = list(range(len(targets))) if pool is None else list(pool)
     if n <= 0:
-        return list(range(len(targets)))
+        return pool
     seen, keep = {}, []
-    for i, t in enumerate(targets):
+    for i in pool:
+        t = targets[i]
         if seen.get(t, 0) < n:
             seen[t] = seen.get(t, 0) + 1
             keep.append(i)
     return keep
+
+
+# The split name of the validation images that data.holdout_per_class keeps out of the train split.
+HOLDOUT = "holdout"
+
+
+def holdout_indices(targets: List[int], n: int) -> List[int]:
+    """Indices of the last ``n`` images of each class (in dataset order): the validation split."""
+    counts: dict = {}
+    for t in targets:
+        counts[t] = counts.get(t, 0) + 1
+    short = sorted(c for c, k in counts.items() if k <= n)
+    if short:
+        raise UserError(f"data.holdout_per_class={n} leaves no training image of class {short[0]} "
+                        f"({counts[short[0]]} images); lower data.holdout_per_class")
+    seen: dict = {}
+    keep = []
+    for i, t in enumerate(targets):
+        seen[t] = seen.get(t, 0) + 1
+        if seen[t] > counts[t] - n:
+            keep.append(i)
+    return keep
+
+
+def split_pool(data_cfg, split: str, targets: List[int]) -> Optional[List[int]]:
+    """The indices of the base dataset that ``split`` may draw from: the held-out images for ``holdout``, the train
+    split less them for ``train_split``, None (all) otherwise."""
+    n = getattr(data_cfg, "holdout_per_class", 0) or 0
+    if split == HOLDOUT:
+        if n <= 0:
+            raise UserError(f"split '{HOLDOUT}' needs data.holdout_per_class > 0 (the validation images per class "
+                            f"held out of data.train_split)")
+        return holdout_indices(targets, n)
+    if n > 0 and split == data_cfg.train_split:
+        held = set(holdout_indices(targets, n))
+        return [i for i in range(len(targets)) if i not in held]
+    return None
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -303,11 +343,14 @@ class TransformedDataset(SampledImages):
 
 def subset_base(data_cfg, split: str, subset: Optional[int] = None):
     """(base dataset, indices of its per-class subset: ``data.subset`` unless given) for ``split``; one line when
-    the subset is empty. In a multi-process run the main process of each node builds it first (unpacking or
-    downloading), then the others."""
+    the subset is empty. ``holdout`` reads the validation images of the train split (``data.holdout_per_class``),
+    and the train split then leaves them out. In a multi-process run the main process of each node builds it first
+    (unpacking or downloading), then the others."""
     with local_main_first():
-        base = build_base(data_cfg, split)
-    indices = per_class_subset(list(base.targets), data_cfg.subset if subset is None else subset)
+        base = build_base(data_cfg, data_cfg.train_split if split == HOLDOUT else split)
+    targets = list(base.targets)
+    indices = per_class_subset(targets, data_cfg.subset if subset is None else subset,
+                               split_pool(data_cfg, split, targets))
     if not indices:
         raise UserError(f"{data_cfg.name} {split} split is empty; check data.root and data.subset")
     return base, indices

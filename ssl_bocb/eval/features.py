@@ -125,9 +125,11 @@ def extract_features(backbone: nn.Module, dataset, accelerator, batch_size: int 
 
 def feature_cache_key(digest: str, data_cfg, split: str, subset: int, transform, precision: str = "no") -> str:
     """Features are reused only for the same weights, data, split, subset, transform and precision."""
-    desc = json.dumps({"weights": digest, "dataset": data_cfg.name, "root": os.path.abspath(data_root(data_cfg.root)),
-                       "split": split, "subset": subset, "transform": repr(transform), "precision": precision},
-                      sort_keys=True)
+    key = {"weights": digest, "dataset": data_cfg.name, "root": os.path.abspath(data_root(data_cfg.root)),
+           "split": split, "subset": subset, "transform": repr(transform), "precision": precision}
+    if getattr(data_cfg, "holdout_per_class", 0):  # only when set, so that earlier caches keep their keys
+        key["holdout_per_class"] = data_cfg.holdout_per_class
+    desc = json.dumps(key, sort_keys=True)
     return hashlib.sha256(desc.encode()).hexdigest()[:24]
 
 

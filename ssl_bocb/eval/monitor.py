@@ -2,6 +2,7 @@
 curve and its dips (MoCo v3 sec. 4) show while training runs."""
 import torch
 
+from ..data.datasets import HOLDOUT
 from ..data.pipeline import eval_images, num_workers
 from ..dist import from_main
 from .features import extract_features, feature_loader
@@ -14,7 +15,9 @@ class KnnMonitor:
         self.k, self.t, self.accelerator = m.knn_k, m.knn_temperature, accelerator
         self.batch = max(cfg.train.batch_size // accelerator.num_processes, 64)
         self.train = eval_images(cfg.data, cfg.data.train_split, subset=m.knn_train_per_class)
-        self.test = eval_images(cfg.data, cfg.data.test_split, subset=m.knn_test_per_class)
+        # with a validation split the monitor reads it, never the test split
+        queries = HOLDOUT if cfg.data.holdout_per_class > 0 else cfg.data.test_split
+        self.test = eval_images(cfg.data, queries, subset=m.knn_test_per_class)
         self.loaders = [feature_loader(ds, accelerator, self.batch, num_workers(cfg.data))
                         for ds in (self.train, self.test)]
         self.channels_last = cfg.train.channels_last  # auto decides as for the training model: the same backbone

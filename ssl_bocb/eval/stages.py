@@ -7,6 +7,7 @@ from typing import Dict, Tuple
 
 from ..config import to_dict
 from ..data import build_dataset, eval_transform, probe_train_transform
+from ..data.datasets import HOLDOUT
 from ..data.pipeline import eval_images, num_workers
 from ..dist import from_main
 from ..engine import make_accelerator
@@ -33,13 +34,19 @@ def output_folder(cfg) -> str:
     return folder
 
 
+def result_name(cfg, stage: str) -> str:
+    """The stage's result file stem: ``val_<stage>`` on the validation split (data.test_split=holdout), so that a
+    validation reading never replaces the test reading of the same checkpoint."""
+    return f"val_{stage}" if cfg.data.test_split == HOLDOUT else stage
+
+
 class EvalSession:
     """What every stage needs: the accelerator, the backbone and its description, the output file."""
 
     def __init__(self, cfg, stage: str):
         self.cfg, self.stage, self.t0 = cfg, stage, time.time()
         self.out_dir = output_folder(cfg)
-        self.path = result_path(self.out_dir, stage)
+        self.path = result_path(self.out_dir, result_name(cfg, stage))
         check_writable(self.path, cfg.overwrite)  # before any work
         self.accelerator = make_accelerator(cfg, seed=cfg.seed, precision_key="mixed_precision")
         setup_logging(self.accelerator.is_main_process)
