@@ -350,6 +350,9 @@ class EvalConfig:
     seed: int = 0
     # Images per class taken from the test split; 0 = all (data.subset applies to the train split).
     test_subset: int = 0
+    # Seed of the random-init backbone evaluated when no checkpoint is given (the random-init floor is read over
+    # several: tools/floors.py).
+    init_seed: int = 0
     # Batch size of feature extraction, per process.
     batch_size: int = 256
     # Reuse features cached under data.cache_dir for the same weights, data, split and transform.
@@ -401,7 +404,7 @@ POSITIVE = ("data.cache_max_gb", "train.epochs", "train.batch_size", "optim.base
             "finetune.stability.spike_factor", "finetune.stability.spike_window", "finetune.stability.spike_min_history")
 NON_NEGATIVE = ("optim.weight_decay", "train.warmup_epochs", "data.subset", "data.num_workers", "data.holdout_per_class",
                 "train.save_every", "train.save_every_steps", "optim.grad_clip", "train.stop_at_step",
-                "monitor.knn_every", "test_subset", "linear.weight_decay", "finetune.warmup_epochs",
+                "monitor.knn_every", "test_subset", "init_seed", "linear.weight_decay", "finetune.warmup_epochs",
                 "finetune.optim.weight_decay", "finetune.drop_path", "finetune.label_smoothing", "finetune.mixup",
                 "finetune.cutmix", "finetune.mixup_prob", "finetune.ema_decay", "optim.sam.rho", "finetune.optim.sam.rho",
                 "optim.momentum", "finetune.optim.momentum", "moco.momentum", "optim.trust_coefficient",

@@ -26,6 +26,34 @@ def cpu_flags() -> set:
         return set()
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo ("" where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return ""
+
+
+# the flags that decide CPU speed here (fp32 vector width, native bf16), named beside every CPU figure
+SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+def machine_name(device) -> str:
+    """What ran: the GPU's name on CUDA, else the CPU model with its speed flags and the cores this process may use,
+    e.g. "AMD EPYC (avx2 avx512f avx512_bf16; 2 cores)". Recorded with every run, so results name their machine."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    flags = cpu_flags()
+    have = " ".join(f for f in SPEED_FLAGS if f in flags) or "no avx2"
+    return f"{cpu_model() or 'unknown CPU'} ({have}; {cores} cores)"
+
+
 def cpu_has_native_bf16() -> bool:
     """True when the CPU runs bf16 matrix products natively (AVX-512 BF16 or AMX); False where unknown.
     ``SSL_BOCB_CPU_BF16=1`` / ``0`` overrides the answer (the tests pin it, so that they run the same everywhere)."""

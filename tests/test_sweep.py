@@ -136,7 +136,8 @@ def test_run_finishes_every_cell_and_collects(finished):
         events = json.load(open(os.path.join(cell.folder, "summary.json")))["events"]
         assert r["nonfinite_steps"] == str(events["nonfinite_steps"]) and r["grad_spikes"] != ""
     md = open(os.path.join(p.output_dir, "results.md")).read()
-    assert md.startswith("| optimizer | seed | state | knn top1") and md.count("\n") == 4
+    assert md.startswith("| optimizer | seed | state | base lr | precision | knn top1") and md.count("\n") == 4
+    assert "| adamw | 0 | done | 0.00015 | fp32 |" in md
     assert "| grad spikes | kNN dips | NaN steps | rollbacks |" in md
     assert "| sgd |" in proc.stdout  # the table is printed at the end of `run`
     assert os.path.getsize(os.path.join(p.output_dir, "results.png")) > 1000

@@ -47,6 +47,30 @@ def print_cells(p, with_error: bool = True) -> dict:
     return counts
 
 
+def run_selected(p, args):
+    """A sweep with a select block, one pair at a time: its grid, the points its choice adds, then its test stages
+    and seeds; planned again after each round, since what a pair runs next depends on what it read."""
+    outcome = {"done": [], "failed": [], "interrupted": [], "skipped": []}
+    tried = set()
+    while True:
+        todo = [c for c in p.cells if cell_status(c)["state"] != "done" and c.id not in tried]
+        if not todo:
+            break
+        group = p.group(todo[0])
+        batch = [c for c in todo if p.group(c) == group]
+        tried.update(c.id for c in batch)
+        out = run_local(p, args.parallel, args.retry_failed, batch, on_done=(lambda cell: collect(p)) if p.results
+                        else None)
+        for k, v in out.items():
+            outcome[k].extend(v)
+        collect(p)
+        p = plan(args.sweep, args.overrides, args.seeds)
+    for group, s in p.selection.items():
+        print(f"{group}: {s['key']} {s['where']}" + (f", chose {s['chosen']}" if s["chosen"] else "") +
+              "; " + ", ".join(f"{k}: {v if v is None else round(v, 2)}" for k, v in s["points"].items()))
+    return p, outcome
+
+
 @cli_main
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
@@ -105,8 +129,11 @@ def main(argv=None):
         cells = [p.find(c) for c in args.cells] if args.cells else None
         try:
             # with a committed results table, each finished cell's row is written there as it comes in
-            outcome = run_local(p, args.parallel, args.retry_failed, cells,
-                                on_done=(lambda cell: collect(p)) if p.results else None)
+            if p.selection and cells is None:
+                p, outcome = run_selected(p, args)
+            else:
+                outcome = run_local(p, args.parallel, args.retry_failed, cells,
+                                    on_done=(lambda cell: collect(p)) if p.results else None)
         finally:
             paths = collect(p)
         with open(paths["md"]) as f:

@@ -7,6 +7,7 @@ Everything here works on plain rows (dicts with ``backbone``, ``optimizer``, ``s
 ``lr`` / ``wd``) so that it applies to a sweep's results.csv and to any hand-made or published table alike."""
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter, OrderedDict
 from dataclasses import asdict, dataclass, field
@@ -15,38 +16,17 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 
 Pair = Tuple[str, str]  # (backbone, optimizer)
-_trapezoid = getattr(np, "trapezoid", None) or np.trapz  # numpy 2 renamed trapz
 
 
 # --- confidence intervals ------------------------------------------------------------------------------------------
 
 def t_quantile(p: float, df: float) -> float:
-    """Quantile of Student's t with ``df`` degrees of freedom, which need not be whole (Welch's df); numerical
-    inverse of the CDF, no scipy needed. t_quantile(0.975, 1) = 12.706, (0.975, 4) = 2.776, (0.975, 30) = 2.042."""
+    """Quantile of Student's t with ``df`` degrees of freedom, which need not be whole (Welch's df), from scipy.
+    t_quantile(0.975, 1) = 12.706, (0.975, 4) = 2.776, (0.975, 30) = 2.042."""
     if not 0.5 <= p < 1.0 or df < 1:
         raise ValueError(f"t_quantile needs 0.5 <= p < 1 and df >= 1, got p={p}, df={df}")
-    if p == 0.5:
-        return 0.0
-    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
-
-    def tail(t: float) -> float:  # P(T > t) for t >= 0, by the substitution u = atan(x / sqrt(df))
-        # density in u: c * sqrt(df) * cos(u)^(df - 1); integrate from atan(t / sqrt(df)) to pi / 2
-        a = math.atan(t / math.sqrt(df))
-        u = np.linspace(a, math.pi / 2, 4001)
-        g = np.cos(u) ** (df - 1)
-        return float(math.exp(log_c) * math.sqrt(df) * _trapezoid(g, u))
-
-    target = 1.0 - p
-    lo, hi = 0.0, 1.0
-    while tail(hi) > target:
-        hi *= 2.0
-    for _ in range(80):
-        mid = 0.5 * (lo + hi)
-        if tail(mid) > target:
-            lo = mid
-        else:
-            hi = mid
-    return 0.5 * (lo + hi)
+    from scipy import stats
+    return float(stats.t.ppf(p, df))
 
 
 def confidence_interval(values: Sequence[float], method: str = "t", level: float = 0.95,
@@ -82,10 +62,16 @@ class CellStat:
     wd: Optional[str] = None
     flagged: bool = False
     cut: float = math.nan                   # the bad-pairing threshold of its backbone's row: flagged when mean < cut
-    uncertain: bool = False                 # flagged, but its interval reaches the cut (or it has one seed)
+    uncertain: bool = False                 # flagged, but not certain (seed noise could explain the gap)
     gap: float = math.nan                   # the row's best mean minus this mean (>= 0)
     gap_low: float = math.nan               # Welch t interval of that difference over seeds
     gap_high: float = math.nan
+    certain: bool = False                   # flagged, and below the row's best by more than seed noise explains
+    critical_gap: float = math.nan          # the gap a certain flag needs: Tukey-Kramer constant x pooled noise
+    chosen_on: str = "score"                # what chose the grid point: val (the validation score) | score
+    bracket: str = ""                       # where the chosen point lies in its grid: bracketed | low end |
+    #                                         high end; "" without a grid
+    grid: Dict[str, float] = field(default_factory=dict)  # the validation score at each grid point (chosen on val)
 
 
 def _key(v) -> str:
@@ -105,20 +91,104 @@ def _grid_points(rows: Iterable[Dict]) -> "OrderedDict[Pair, OrderedDict[Tuple[s
     return points
 
 
+def _val_points(rows: Iterable[Dict]) -> "OrderedDict[Pair, OrderedDict[Tuple[str, str], Tuple[int, float]]]":
+    """The validation score of each (backbone, optimizer) at each grid point, read at that point's lowest seed (the
+    seed a select sweep runs its grid at), so that every point is compared on one draw, as the sweep chose."""
+    out: "OrderedDict[Pair, OrderedDict[Tuple[str, str], Tuple[int, float]]]" = OrderedDict()
+    for r in rows:
+        v = r.get("val")
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            continue
+        pair = (str(r["backbone"]), str(r["optimizer"]))
+        point = (_key(r.get("lr")), _key(r.get("wd")))
+        seed = int(r.get("seed") or 0)
+        have = out.setdefault(pair, OrderedDict()).get(point)
+        if have is None or seed < have[0]:
+            out[pair][point] = (seed, float(v))
+    return out
+
+
+def _choose_on_val(points: "OrderedDict[Tuple[str, str], Tuple[int, float]]") -> Tuple[Tuple[str, str], str]:
+    """The grid point with the best validation score and where it lies (select.choose: the sweep's own rule)."""
+    from ..sweep.select import choose
+    lrs = {p: float(p[0]) for p in points} if all(p[0] for p in points) else None
+    if lrs is None or len(points) == 1:
+        best = max(points, key=lambda p: points[p][1])
+        return best, ""
+    by_lr = {lrs[p]: points[p][1] for p in points}
+    lr, where = choose(by_lr)
+    return next(p for p in points if lrs[p] == lr), where
+
+
 def cell_stats(rows: Iterable[Dict], method: str = "t", level: float = 0.95) -> "OrderedDict[Pair, CellStat]":
     """One statistic per (backbone, optimizer): the mean over seeds and its interval. When a pair was run at
-    several (lr, wd) grid points, the pair's result is its best grid point by mean score (the tuned result, as the
-    BOCB paper reports), and that point is recorded in ``lr`` / ``wd``."""
+    several (lr, wd) grid points, its result is the point chosen on the validation score (rows' ``val``, read at each
+    point's first seed: the point a select sweep chose, and ``bracket`` says where it lies in the grid), else the
+    best point by mean score (the tuned result, as the BOCB paper reports). A pair whose chosen point has no score
+    (an unbracketed grid, left unseeded) has no statistic: :func:`unmeasured` lists it."""
+    rows = list(rows)
     points = _grid_points(rows)
+    vals = _val_points(rows)
     out: "OrderedDict[Pair, CellStat]" = OrderedDict()
-    for pair, by_point in points.items():
-        (lr, wd), scores = max(by_point.items(), key=lambda kv: float(np.mean(kv[1])))
+    for pair in OrderedDict.fromkeys(list(vals) + list(points)):
+        by_point = points.get(pair, OrderedDict())
+        chosen_on, bracket, grid = "score", "", {}
+        if pair in vals:
+            (lr, wd), bracket = _choose_on_val(vals[pair])
+            chosen_on = "val"
+            grid = {p[0] or p[1]: v for p, (_, v) in vals[pair].items()}
+            if (lr, wd) not in by_point:
+                continue
+            scores = by_point[(lr, wd)]
+        elif by_point:
+            (lr, wd), scores = max(by_point.items(), key=lambda kv: float(np.mean(kv[1])))
+        else:
+            continue
         x = np.asarray(scores)
         lo, hi = confidence_interval(x, method, level)
         out[pair] = CellStat(pair[0], pair[1], len(x), float(x.mean()),
                              float(x.std(ddof=1)) if len(x) > 1 else math.nan, lo, hi, list(map(float, x)),
-                             lr or None, wd or None)
+                             lr or None, wd or None, chosen_on=chosen_on, bracket=bracket, grid=grid)
     return out
+
+
+def unmeasured(rows: Iterable[Dict]) -> List[Dict]:
+    """Pairs chosen on validation whose chosen point has no score: where their best validation point lies."""
+    rows = list(rows)
+    points = _grid_points(rows)
+    out = []
+    for pair, by_val in _val_points(rows).items():
+        point, where = _choose_on_val(by_val)
+        if point not in points.get(pair, {}):
+            out.append(dict(backbone=pair[0], optimizer=pair[1], lr=point[0] or None, bracket=where,
+                            grid={p[0] or p[1]: v for p, (_, v) in by_val.items()}))
+    return out
+
+
+# --- seed noise ------------------------------------------------------------------------------------------------------
+
+def pooled_noise(cells: Iterable[CellStat]) -> Tuple[float, int]:
+    """The seed noise of a study: the pooled within-cell standard deviation over every cell with two or more seeds,
+    and its degrees of freedom (sum of n - 1). (nan, 0) when no cell has two seeds."""
+    ss, df = 0.0, 0
+    for c in cells:
+        if c.n >= 2:
+            x = np.asarray(c.scores, dtype=float)
+            ss += float(((x - x.mean()) ** 2).sum())
+            df += c.n - 1
+    return (math.sqrt(ss / df), df) if df else (math.nan, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def range_critical(k: int, df: int, alpha: float = 0.05) -> float:
+    """The Tukey-Kramer constant q(1 - alpha; k, df) / sqrt(2) of the studentized range. A result is certainly below
+    the best of its k when best - it > constant * s * sqrt(1/n_it + 1/n_best): in a row of k equal optimizers (only
+    seed noise, sd estimated as s on ``df`` degrees of freedom) that happens for any of them with probability
+    <= alpha, since the largest gap of the row is its range."""
+    if k < 2 or df < 1:
+        return math.inf
+    from scipy import stats
+    return float(stats.studentized_range.ppf(1 - alpha, k, df) / math.sqrt(2.0))
 
 
 # --- bad pairings ----------------------------------------------------------------------------------------------------
@@ -177,16 +247,23 @@ def welch_interval(a: Sequence[float], b: Sequence[float], level: float = 0.95) 
     return diff, diff - half, diff + half
 
 
-def mark_significance(cells: "OrderedDict[Pair, CellStat]", backbone: str, cut: float, level: float) -> None:
-    """For one backbone's row: each cell's gap to the row's best (Welch t over seeds) and whether its flag is
-    uncertain (its interval reaches the cut, or it has no interval)."""
+def mark_significance(cells: "OrderedDict[Pair, CellStat]", backbone: str, cut: float, level: float,
+                      noise: Tuple[float, int] = (math.nan, 0)) -> None:
+    """For one backbone's row: each cell's gap to the row's best (Welch t over seeds), and whether its flag is
+    certain: flagged by the rule, and below the best by more than seed noise explains, by the Tukey-Kramer range test
+    at 1 - ``level`` with the study's pooled seed noise ``noise`` = (s, df), so that a row of equal optimizers gets a
+    certain flag with probability <= 1 - ``level``. A flag that is not certain is uncertain."""
     row = [c for (b, _), c in cells.items() if b == backbone]
     best = max(row, key=lambda c: c.mean)
+    s, df = noise
+    crit = range_critical(len(row), df, round(1 - level, 10)) if math.isfinite(s) else math.inf
     for c in row:
         c.cut = cut
         c.gap, c.gap_low, c.gap_high = ((0.0, math.nan, math.nan) if c is best else
                                         welch_interval(best.scores, c.scores, level))
-        c.uncertain = c.flagged and not (math.isfinite(c.ci_high) and c.ci_high < cut)
+        c.critical_gap = crit * s * math.sqrt(1 / c.n + 1 / best.n) if math.isfinite(crit) else math.inf
+        c.certain = c.flagged and c is not best and c.gap > c.critical_gap
+        c.uncertain = c.flagged and not c.certain
 
 
 # --- summaries -------------------------------------------------------------------------------------------------------
@@ -219,6 +296,46 @@ def summarize(name: str, results: Dict[str, float], flags: Dict[str, bool]) -> S
                    int(sum(bool(flags.get(k)) for k in results)))
 
 
+def interaction(cells: "OrderedDict[Pair, CellStat]", noise: Tuple[float, int], level: float = 0.95) -> Dict:
+    """The backbone x optimizer interaction, which is what coupling means: whether an optimizer's advantage depends
+    on the backbone. From the cell means and the pooled seed noise (s, df):
+
+    - ``effects``: each cell's interaction effect g_ij = m_ij - m_i. - m_.j + m_.. (unweighted means), a contrast
+      of the cell means with weights (d_ik - 1/a)(d_jl - 1/b), with its t interval (variance s^2 sum w^2 / n_kl);
+    - ``f``, ``p``: the two-way test of "no interaction", F = (sum of n_ij g_ij^2 with the harmonic mean n) /
+      ((a - 1)(b - 1)) / s^2 on ((a - 1)(b - 1), df) degrees of freedom (exact when every cell has the same seeds).
+
+    Needs every backbone x optimizer cell (a full table) and noise with df >= 1; otherwise ``reason`` says why not."""
+    backbones = list(OrderedDict.fromkeys(b for b, _ in cells))
+    optimizers = list(OrderedDict.fromkeys(o for _, o in cells))
+    a, b = len(backbones), len(optimizers)
+    s, df = noise
+    if a < 2 or b < 2:
+        return dict(reason="needs at least 2 backbones and 2 optimizers")
+    if any((bb, o) not in cells for bb in backbones for o in optimizers):
+        return dict(reason="needs every backbone x optimizer cell")
+    if not df or not math.isfinite(s):
+        return dict(reason="needs seed noise (cells with two or more seeds)")
+    m = np.array([[cells[(bb, o)].mean for o in optimizers] for bb in backbones])
+    n = np.array([[cells[(bb, o)].n for o in optimizers] for bb in backbones], dtype=float)
+    g = m - m.mean(axis=1, keepdims=True) - m.mean(axis=0, keepdims=True) + m.mean()
+    t = t_quantile(0.5 + level / 2, df)
+    effects = []
+    for i, bb in enumerate(backbones):
+        for j, o in enumerate(optimizers):
+            w = (np.eye(a)[i][:, None] - 1 / a) * (np.eye(b)[j][None, :] - 1 / b)
+            half = t * s * math.sqrt(float((w ** 2 / n).sum()))
+            effects.append(dict(backbone=bb, optimizer=o, effect=float(g[i, j]), low=float(g[i, j] - half),
+                                high=float(g[i, j] + half)))
+    df1 = (a - 1) * (b - 1)
+    n_h = float(len(n.ravel()) / (1 / n).sum())
+    f = float(n_h * (g ** 2).sum() / df1 / s ** 2) if s > 0 else math.inf
+    from scipy import stats
+    p = float(stats.f.sf(f, df1, df)) if math.isfinite(f) else 0.0
+    return dict(f=f, df1=df1, df2=df, p=p, noise_sd=s, level=level, effects=effects,
+                balanced=bool((n == n.flat[0]).all()))
+
+
 @dataclass
 class Study:
     cells: "OrderedDict[Pair, CellStat]"
@@ -227,6 +344,9 @@ class Study:
     rule: RuleRun
     per_backbone: List[Summary]
     per_optimizer: List[Summary]
+    noise: Tuple[float, int] = (math.nan, 0)                # pooled seed sd and its degrees of freedom
+    interaction: Dict = field(default_factory=dict)
+    unmeasured: List[Dict] = field(default_factory=list)    # pairs whose chosen point has no score
 
     def matrix(self, attr: str = "mean") -> np.ndarray:
         m = np.full((len(self.backbones), len(self.optimizers)), np.nan)
@@ -239,16 +359,20 @@ class Study:
                     backbones=self.backbones, optimizers=self.optimizers,
                     cells=[asdict(c) for c in self.cells.values()],
                     per_backbone=[asdict(s) for s in self.per_backbone],
-                    per_optimizer=[asdict(s) for s in self.per_optimizer])
+                    per_optimizer=[asdict(s) for s in self.per_optimizer],
+                    noise=dict(sd=self.noise[0], df=self.noise[1]), interaction=self.interaction,
+                    unmeasured=self.unmeasured)
 
 
 def analyze_study(rows: Iterable[Dict], rule: str = "eq1", threshold: float = 3.0, ci: str = "t",
                   level: float = 0.95) -> Study:
     """The study tables of one metric: cell means with intervals, bad-pairing flags per backbone, and summaries
     per backbone (over its optimizers) and per optimizer (over backbones: optimizer generality)."""
+    rows = list(rows)
     cells = cell_stats(rows, ci, level)
     if not cells:
         raise ValueError("no scored rows to analyse")
+    noise = pooled_noise(cells.values())
     backbones = list(OrderedDict.fromkeys(b for b, _ in cells))
     optimizers = list(OrderedDict.fromkeys(o for _, o in cells))
     per_backbone = []
@@ -257,14 +381,15 @@ def analyze_study(rows: Iterable[Dict], rule: str = "eq1", threshold: float = 3.
         flags = flag_bad_pairs(res, rule, threshold)
         for o, f in flags.items():
             cells[(b, o)].flagged = f
-        mark_significance(cells, b, flag_cut(res, rule, threshold), level)
+        mark_significance(cells, b, flag_cut(res, rule, threshold), level, noise)
         per_backbone.append(summarize(b, res, flags))
     per_optimizer = []
     for o in optimizers:
         res = {b: c.mean for (b, oo), c in cells.items() if oo == o}
         flags = {b: cells[(b, o)].flagged for b in res}
         per_optimizer.append(summarize(o, res, flags))
-    return Study(cells, backbones, optimizers, RuleRun(rule, threshold), per_backbone, per_optimizer)
+    return Study(cells, backbones, optimizers, RuleRun(rule, threshold), per_backbone, per_optimizer, noise,
+                 interaction(cells, noise, level), unmeasured(rows))
 
 
 # --- hyper-parameter robustness --------------------------------------------------------------------------------------

@@ -19,7 +19,9 @@ from ..errors import UserError
 from . import bocb
 from .plots import _pyplot, read_jsonl
 
-METRICS = ("linprobe_top1", "knn_top1", "finetune_top1")
+METRICS = ("linprobe_top1", "knn_top1", "finetune_top1", "val_knn_top1", "val_linprobe_top1")
+# the validation reading a test metric's grid point is chosen on (a select sweep's rule)
+VAL_OF = {"knn_top1": "val_knn_top1", "linprobe_top1": "val_knn_top1", "finetune_top1": "val_knn_top1"}
 LAYER_METRICS = ("alpha", "matrix_entropy", "value_entropy", "l2_norm", "pca_energy")
 
 
@@ -102,22 +104,32 @@ def _sweep_rows(path, header, raw, metric) -> Source:
     for r in raw:
         for a in extra_axes:
             values.setdefault((r.get("backbone") or r["timm_model"], a), set()).add(r[a])
+    val_col = VAL_OF.get(metric) if VAL_OF.get(metric) in header else None
     rows, skipped = [], 0
     for r in raw:
         score = _num(r.get(metric))
+        val = _num(r.get(val_col)) if val_col else None
         if score is None:
             skipped += 1
-            continue
+            if val is None:
+                continue
         backbone = r.get("backbone") or r["timm_model"]
         extra = " ".join(f"{a}={r[a]}" for a in extra_axes if len(values[(backbone, a)]) > 1)
         rows.append(dict(backbone=f"{backbone} {extra}".strip(), optimizer=r.get("optimizer") or r["optim_name"],
                          optim_name=r["optim_name"], family=_family(r["optim_name"]), seed=r.get("seed", "0"),
-                         lr=r.get("lr") or None, wd=r.get("wd") or None, score=score, cell=r["cell"],
-                         folder=r.get("folder", ""), images_per_s=_num(r.get("images_per_s")),
+                         lr=r.get("lr") or None, wd=r.get("wd") or None, score=score, val=val, cell=r["cell"],
+                         folder=_folder(table, r.get("folder", "")), images_per_s=_num(r.get("images_per_s")),
                          peak_mem_mb=_num(r.get("peak_mem_mb")), final_loss=_num(r.get("final_loss")),
                          pretrain_s=_num(r.get("pretrain_s")), timm_model=r["timm_model"],
                          table_events=_table_events(r), **{m: _num(r.get(m)) for m in metrics}))
     return Source(path, "sweep", metric, rows, metrics, skipped)
+
+
+def _folder(table: str, folder: str) -> str:
+    """A row's run folder: relative ones (cells/<id>) are relative to the sweep folder that holds the table."""
+    if not folder or os.path.isabs(folder):
+        return folder
+    return os.path.join(os.path.dirname(os.path.abspath(table)), folder)
 
 
 def _table_events(r: Dict) -> Optional[Dict]:
@@ -526,10 +538,10 @@ def analyze(source_path: str, out_dir: str, opts: Options = Options(), progress:
           + (f", {src.skipped} without a score left out" if src.skipped else "") + f"). Metric: `{src.metric}`"
           + (f" (also available: {', '.join(m for m in src.metrics if m != src.metric)})"
              if len(src.metrics) > 1 else "") + ".")
-    scored = [r for r in src.rows if r.get("score") is not None]
-    if scored:
-        _study_section(doc, result, scored, src.metric, opts, threshold, fig_dir)
-    with_hp = [r for r in src.rows if r.get("lr") or r.get("wd")]
+    scored = [r for r in src.rows if r.get("score") is not None or r.get("val") is not None]
+    if any(r.get("score") is not None for r in scored):
+        _study_section(doc, result, scored, src.metric, opts, threshold, fig_dir, _floors(source_path))
+    with_hp = [r for r in src.rows if (r.get("lr") or r.get("wd")) and r.get("score") is not None]
     if with_hp:
         _hp_section(doc, result, with_hp, fig_dir)
     folders = [r for r in src.rows if _has_folder(r) or r.get("table_events")]
@@ -549,32 +561,130 @@ def analyze(source_path: str, out_dir: str, opts: Options = Options(), progress:
     return _write_report(doc, result, source_path, out_dir, fig_dir, t0)
 
 
+def _floors(source_path: str) -> Optional[Dict]:
+    """The floors.json beside a results table (tools/floors.py), or None."""
+    from ..sweep.floors import read
+    folder = source_path if os.path.isdir(source_path) else os.path.dirname(os.path.abspath(source_path))
+    return read(os.path.join(folder, "floors.json"))
+
+
+def _floor_split(metric: str) -> str:
+    return "val" if metric.startswith("val_") else "test"
+
+
+def _floors_table(doc: Doc, result: Dict, study: bocb.Study, metric: str, floors: Dict) -> None:
+    """Every cell against the pixel floor and its backbone's random-init floor, on the metric's split."""
+    block = floors.get("splits", {}).get(_floor_split(metric))
+    if block is None or not metric.endswith("knn_top1"):
+        return
+    rand = block["random_init"]
+    doc.h(2, "Against the floors")
+    doc.p(f"kNN of raw normalised pixels: **{block['pixels']:.2f}**; each backbone at random init (mean over "
+          f"{len(floors.get('init_seeds', []))} init seeds), on the same evaluation ({block['split']} split, bank "
+          f"{block['bank_per_class'] or 'all'} per class, {block['num_queries']} queries; `floors.json`). Each cell: "
+          f"its mean minus the floor, in points. A cell at or below the pixel floor has learned nothing the pixels "
+          f"did not hold.")
+    rows, out = [], []
+    for b in study.backbones:
+        key = next((k for k in rand if b == k or b.startswith(k + " ") or k.startswith(b + " ")), None)
+        line = [b, rand.get(key) if key else None]
+        for o in study.optimizers:
+            c = study.cells.get((b, o))
+            if c is None:
+                line.append("-")
+                continue
+            vs_pix = c.mean - block["pixels"]
+            vs_rand = c.mean - rand[key] if key else math.nan
+            line.append(f"{c.mean:.2f} ({vs_pix:+.2f} / {vs_rand:+.2f})" + (" **below pixels**" if vs_pix <= 0
+                                                                              else ""))
+            out.append(dict(backbone=b, optimizer=o, mean=c.mean, minus_pixels=vs_pix, minus_random=vs_rand))
+        rows.append(line)
+    doc.table(["backbone", "random init"] + [f"{o} (− pixels / − random)" for o in study.optimizers], rows)
+    result["floors"] = dict(pixels=block["pixels"], random_init=rand, split=_floor_split(metric), cells=out)
+
+
+def _selection_notes(doc: Doc, study: bocb.Study) -> None:
+    """Which grid point each pair was read at, chosen on validation, and a warning for every unbracketed grid."""
+    chosen = [c for c in study.cells.values() if c.chosen_on == "val"]
+    if not chosen and not study.unmeasured:
+        return
+    doc.h(2, "Chosen settings (on the validation split)")
+    doc.p("Each pair is read at the grid point with its best validation score (at the grid's first seed), the "
+          "point the sweep chose before reading the test split; the flags compare each pair at its own chosen point "
+          "with the row's best at its own. A choice at an end of its grid is not bracketed: the true optimum may lie "
+          "beyond, and that pair's result is a lower bound.")
+    rows = []
+    for c in chosen:
+        grid = ", ".join(f"{k}: {v:.2f}" for k, v in sorted(c.grid.items(), key=lambda kv: float(kv[0])))
+        rows.append([c.backbone, c.optimizer, c.lr, c.bracket or "-", grid])
+    for u in study.unmeasured:
+        grid = ", ".join(f"{k}: {v:.2f}" for k, v in sorted(u["grid"].items(), key=lambda kv: float(kv[0])))
+        rows.append([u["backbone"], u["optimizer"], u["lr"], f"{u['bracket']} (not seeded, no test reading)", grid])
+    doc.table(["backbone", "optimizer", "chosen lr", "where", "validation score per lr"], rows)
+    loose = [c for c in chosen if c.bracket not in ("bracketed", "")] + study.unmeasured
+    for c in loose:
+        b, o, where = (c.backbone, c.optimizer, c.bracket) if isinstance(c, bocb.CellStat) else (
+            c["backbone"], c["optimizer"], c["bracket"])
+        doc.p(f"**Warning:** {b} x {o}: the best validation point is at the {where} of its grid (not bracketed); "
+              f"extend the grid past it.")
+
+
+def _interaction_section(doc: Doc, study: bocb.Study) -> None:
+    it = study.interaction
+    doc.h(2, "Coupling: the backbone x optimizer interaction")
+    if "reason" in it:
+        doc.p(f"Not computed: {it['reason']}.")
+        return
+    doc.p(f"Coupling means that an optimizer's advantage depends on the backbone. Two-way test of no interaction on "
+          f"the cell means with the pooled seed noise (s = {it['noise_sd']:.3f} points, {it['df2']} degrees of "
+          f"freedom): F({it['df1']}, {it['df2']}) = {it['f']:.2f}, p = {it['p']:.3g}"
+          + ("" if it["balanced"] else " (unequal seeds: harmonic-mean approximation)") + ". Interaction effect of "
+          f"each cell (its mean less its backbone's and its optimizer's mean effects), points, with its "
+          f"{it['level']:.0%} t interval; an interval that excludes 0 is a coupling.")
+    cells = {(e["backbone"], e["optimizer"]): e for e in it["effects"]}
+    doc.table(["backbone"] + study.optimizers,
+              [[b] + [f"{cells[(b, o)]['effect']:+.2f} [{cells[(b, o)]['low']:+.2f}, {cells[(b, o)]['high']:+.2f}]"
+                      + ("" if cells[(b, o)]["low"] <= 0 <= cells[(b, o)]["high"] else " **coupled**")
+                      for o in study.optimizers] for b in study.backbones])
+
+
 def _study_section(doc: Doc, result: Dict, scored: List[Dict], metric: str, opts: Options, threshold: float,
-                   fig_dir: str) -> None:
+                   fig_dir: str, floors: Optional[Dict] = None) -> None:
     study = bocb.analyze_study(scored, opts.rule, threshold, opts.ci, opts.level)
     result["study"] = study.to_json()
+    scored = [r for r in scored if r.get("score") is not None]
     seeds = sorted({str(r["seed"]) for r in scored})
     ci_text = ("Student t interval, mean ± t(0.975, n-1) · s / √n" if opts.ci == "t"
                else "percentile bootstrap of the mean (10,000 resamples, seed 0)")
     doc.h(2, "Study table")
     doc.p(f"Mean over seeds ({', '.join(seeds)}) ± half-width of the {opts.level:.0%} confidence interval "
           f"({ci_text}; none with one seed). Bad-pairing rule that ran: {study.rule.describe()}. "
-          f"Flagged cells are marked **bad**, or **bad?** (uncertain) when the upper end of their interval reaches "
-          f"the row's threshold (or they have one seed): seed noise alone could have put them below it." + (" Where a pair was run on an lr / wd grid, its result is "
-                                                   "its best grid point." if any(r.get("lr") or r.get("wd")
-                                                                                 for r in scored) else ""))
+          f"A flagged cell is **bad** (certain) when it is also below the row's best by more than seed noise "
+          f"explains: the Tukey-Kramer range test at {1 - opts.level:.0%}, with the pooled seed noise "
+          f"of the whole study (s = {study.noise[0]:.3f} points on {study.noise[1]} degrees of freedom), which keeps "
+          f"the chance of a certain flag in a row of equal optimizers under {1 - opts.level:.0%}; else **bad?** "
+          f"(uncertain): seed noise alone could have put it there." + (
+              " Where a pair was run on an lr / wd grid, its result is its grid point chosen on the validation split "
+              "(below)." if any(r.get("val") is not None for r in scored) else
+              " Where a pair was run on an lr / wd grid, its result is its best grid point."
+              if any(r.get("lr") or r.get("wd") for r in scored) else ""))
     doc.table(["backbone"] + study.optimizers,
               [[b] + [_mean_ci(study.cells[(b, o)]) if (b, o) in study.cells else "-" for o in study.optimizers]
                for b in study.backbones])
     doc.p(f"Difference to the row's best (its best mean minus this mean, points) with its {opts.level:.0%} Welch t "
           f"interval over seeds (unequal variances, Welch-Satterthwaite degrees of freedom); '~0' marks an interval "
           f"that reaches 0, where the gap is within seed noise. Threshold: the score under which the row flags.")
-    doc.table(["backbone", "threshold"] + study.optimizers,
-              [[b, next(c.cut for (bb, _), c in study.cells.items() if bb == b)]
+    doc.table(["backbone", "threshold", "gap a certain flag needs"] + study.optimizers,
+              [[b, next(c.cut for (bb, _), c in study.cells.items() if bb == b),
+                max((c.critical_gap for (bb, _), c in study.cells.items() if bb == b and c.gap > 0), default=None)]
                + [_gap(study.cells[(b, o)]) if (b, o) in study.cells else "-" for o in study.optimizers]
                for b in study.backbones])
     doc.img(fig_heatmap(study, metric, os.path.join(fig_dir, "heatmap.png")),
             f"{metric} per backbone and optimizer (mean ± CI half-width; red boxes: bad pairings, dashed: uncertain)")
+    _selection_notes(doc, study)
+    if floors:
+        _floors_table(doc, result, study, metric, floors)
+    _interaction_section(doc, study)
     doc.h(2, "Per backbone (over its optimizers, worst result removed)")
     doc.table(["backbone", "optimizers", "best", "worst (optimizer)", "mean", "std", "range", "bad pairings"],
               [[s.name, s.n, s.best, f"{s.worst:.2f} ({s.worst_of})", s.mean, s.std, s.range, s.flagged]

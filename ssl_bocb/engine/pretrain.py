@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from .. import config as config_mod
 from ..data.pipeline import two_view_data
-from ..device import use_channels_last, use_compile
+from ..device import machine_name, use_channels_last, use_compile
 from ..errors import UserError
 from ..models import build_moco, export_backbone
 from ..optim import group_summary, optimizer_from_cfg, record, resolve
@@ -134,7 +134,7 @@ class PretrainTask(Task):
                     train_images=len(self.dataset), data_pipeline=self.data.kind,
                     mixed_precision=self.accelerator.mixed_precision, channels_last=self.channels_last,
                     compile=self.compiled, param_groups=self.groups, optimizer=self.optimizer_record,
-                    backbone=self.unwrapped.backbone.ssl_bocb_spec)
+                    backbone=self.unwrapped.backbone.ssl_bocb_spec, machine=machine_name(self.accelerator.device))
 
     def loop_settings(self) -> LoopSettings:
         cfg, wd = self.cfg, self.resolved.weight_decay

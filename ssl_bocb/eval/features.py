@@ -43,13 +43,13 @@ def resolve_checkpoint(path: str) -> Tuple[str, str]:
                     f"pretraining run folder?")
 
 
-def load_eval_backbone(checkpoint: str, model_cfg) -> Tuple[nn.Module, Dict]:
+def load_eval_backbone(checkpoint: str, model_cfg, init_seed: int = 0) -> Tuple[nn.Module, Dict]:
     """The backbone to evaluate and a description of it. Without a checkpoint: ``model.backbone`` at random init
-    (the baseline every result is read against)."""
+    drawn with ``init_seed`` (the baseline every result is read against; seed 0 unless asked)."""
     if not checkpoint:
-        torch.manual_seed(0)  # the same random baseline every time
+        torch.manual_seed(init_seed)
         model = create_backbone(model_cfg.backbone, **backbone_kwargs_from_cfg(model_cfg))
-        return model, {"checkpoint": None, "backbone": model_cfg.backbone, "init": "random"}
+        return model, {"checkpoint": None, "backbone": model_cfg.backbone, "init": "random", "init_seed": init_seed}
     kind, path = resolve_checkpoint(checkpoint)
     if kind == "export":
         model = load_backbone(path)

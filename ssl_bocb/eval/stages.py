@@ -50,7 +50,7 @@ class EvalSession:
         check_writable(self.path, cfg.overwrite)  # before any work
         self.accelerator = make_accelerator(cfg, seed=cfg.seed, precision_key="mixed_precision")
         setup_logging(self.accelerator.is_main_process)
-        self.backbone, self.info = load_eval_backbone(cfg.checkpoint, cfg.model)
+        self.backbone, self.info = load_eval_backbone(cfg.checkpoint, cfg.model, cfg.init_seed)
         self.family = self.backbone.ssl_bocb_spec["family"]
         self.digest = weights_digest(self.backbone)
         log.info("%s: %s (%s) from %s", stage, self.info["backbone"], self.info["init"],

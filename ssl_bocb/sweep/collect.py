@@ -18,7 +18,11 @@ from ..analysis.plots import read_jsonl, read_summary
 from .plan import Plan
 from .runner import cell_status, result_file
 
-METRICS = [f"{s}_{k}" for s in ("knn", "linprobe", "finetune") for k in ("top1", "top5")]
+EVAL_STAGES = ("val_knn", "val_linprobe", "knn", "linprobe", "finetune")
+METRICS = [f"{s}_{k}" for s in EVAL_STAGES for k in ("top1", "top5")]
+# what the run itself recorded (config.yaml's derived block): the base lr it ran, the machine, the precision
+RUN_FACTS = ["base_lr", "machine", "precision"]
+STAGE_TIMES = tuple(f"{s}_s" for s in EVAL_STAGES)
 PRETRAIN = ["final_loss", "images_per_s", "peak_mem_mb"]
 EVENTS = ["grad_spikes", "knn_dips", "nonfinite_steps", "rollbacks"]
 FINETUNE_EVENTS = ["finetune_grad_spikes", "finetune_top1_dips", "finetune_nonfinite_steps", "finetune_rollbacks"]
@@ -65,7 +69,8 @@ def cell_row(plan: Plan, cell) -> Dict:
     row.update({k: ev[k] for k in EVENTS if k in ev})
     ft = read_summary(os.path.join(cell.folder, "finetune")).get("events", {})
     row.update({k: ft[k[len("finetune_"):]] for k in FINETUNE_EVENTS if k[len("finetune_"):] in ft})
-    for stage in ("knn", "linprobe", "finetune"):
+    row.update(run_facts(cell.folder))
+    for stage in EVAL_STAGES:
         path = result_file(cell, stage)
         if os.path.isfile(path) and stage not in st["left"]:
             with open(path) as f:
@@ -79,22 +84,36 @@ def cell_row(plan: Plan, cell) -> Dict:
     timed = [row.get(f"{s}_s") for s in stages]
     row["wall_s"] = round(sum(t for t in timed if t), 1) if stages else None
     row["error"] = st["error"] if st["state"] in ("failed", "interrupted") else ""
-    row["folder"] = os.path.abspath(cell.folder)
+    row["folder"] = os.path.relpath(cell.folder, plan.output_dir)  # cells/<id>: no machine's absolute path
     return row
+
+
+def run_facts(folder: str) -> Dict:
+    """base_lr, machine and precision from a run folder's config.yaml (its derived block); {} before it exists."""
+    import yaml
+    try:
+        with open(os.path.join(folder, "config.yaml")) as f:
+            derived = (yaml.safe_load(f) or {}).get("derived") or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+    out = {"base_lr": (derived.get("optimizer") or {}).get("base_lr"), "machine": derived.get("machine"),
+           "precision": {"no": "fp32"}.get(derived.get("mixed_precision"), derived.get("mixed_precision"))}
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def columns(plan: Plan, rows: List[Dict]) -> List[str]:
     label_keys = list(dict.fromkeys(k for c in plan.cells for k in c.labels))
     metric_cols = [m for m in METRICS if any(m in r for r in rows)]
-    timing = [k for k in ("pretrain_s", "knn_s", "linprobe_s", "finetune_s") if any(k in r for r in rows)]
+    timing = [k for k in ("pretrain_s",) + STAGE_TIMES if any(k in r for r in rows)]
     events = [k for k in EVENTS + FINETUNE_EVENTS if any(k in r for r in rows)]
-    return (["cell", "hash"] + label_keys + ["timm_model", "optim_name", "state"] + metric_cols + PRETRAIN +
+    facts = [k for k in RUN_FACTS if any(k in r for r in rows)]
+    return (["cell", "hash"] + label_keys + ["timm_model", "optim_name", "state"] + facts + metric_cols + PRETRAIN +
             events + ["epochs_done"] + timing + ["wall_s", "error", "folder", "stage_hashes"])
 
 
 def markdown(plan: Plan, rows: List[Dict], cols: List[str]) -> str:
-    shown = [c for c in cols if c not in ("cell", "hash", "folder", "timm_model", "optim_name", "epochs_done",
-                                           "pretrain_s", "knn_s", "linprobe_s", "finetune_s", "stage_hashes")]
+    shown = [c for c in cols if c not in ("cell", "hash", "folder", "timm_model", "optim_name", "epochs_done", "machine",
+                                           "pretrain_s", "stage_hashes") and c not in STAGE_TIMES]
     head = {"final_loss": "final loss", "images_per_s": "img/s", "peak_mem_mb": "peak MB", "wall_s": "wall s",
             "grad_spikes": "grad spikes", "knn_dips": "kNN dips", "nonfinite_steps": "NaN steps",
             "rollbacks": "rollbacks", "finetune_grad_spikes": "FT grad spikes", "finetune_top1_dips": "FT top-1 dips",
@@ -107,7 +126,8 @@ def markdown(plan: Plan, rows: List[Dict], cols: List[str]) -> str:
             v = r.get(c)
             digits = 4 if c == "final_loss" else (0 if c in ("peak_mem_mb", "wall_s") else (1 if c == "images_per_s"
                                                                                              else 2))
-            cells.append(_fmt(v, digits).replace("|", "/")[:160])
+            text = format(v, "g") if c == "base_lr" and isinstance(v, float) else _fmt(v, digits)
+            cells.append(text.replace("|", "/")[:160])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -131,7 +151,7 @@ def hparams(plan: Plan, rows: List[Dict], out: str) -> str:
 def heatmap(plan: Plan, rows: List[Dict], out: str):
     """results.png: the first metric present, rows = the first axis's values, columns = the other axes' values,
     the mean over seeds and grid points. None when there is no metric yet."""
-    metric = next((m for m in ("knn_top1", "linprobe_top1", "finetune_top1") if any(m in r for r in rows)), None)
+    metric = next((m for m in ("knn_top1", "val_knn_top1", "linprobe_top1", "finetune_top1") if any(m in r for r in rows)), None)
     if metric is None or not plan.axes:
         return None
     import matplotlib

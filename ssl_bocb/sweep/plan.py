@@ -50,8 +50,11 @@ from omegaconf import OmegaConf
 
 from .. import config
 from ..errors import UserError
+from . import select
 
-STAGES = ("knn", "linprobe", "finetune")
+STAGES = ("knn", "linprobe", "finetune", "val_knn", "val_linprobe")
+# The validation stages: kNN / probe on the images data.holdout_per_class keeps out of the train split.
+VAL_STAGES = {"val_knn": "knn", "val_linprobe": "linprobe"}
 # Keys that say where or how fast a run goes, not what it computes: left out of the hashes.
 PRETRAIN_MACHINE_KEYS = ("output_dir", "resume", "overwrite", "data.root", "data.cache_dir", "data.download",
                          "data.num_workers", "train.log_every", "train.save_every", "train.save_every_steps",
@@ -61,7 +64,7 @@ EVAL_MACHINE_KEYS = ("checkpoint", "output_dir", "overwrite", "data.root", "data
                      "finetune.save_every")
 # Data keys an evaluation stage takes from its cell's pretraining config unless the stage sets them.
 INHERITED_DATA_KEYS = ("name", "root", "cache_dir", "image_size", "mean", "std", "train_split", "test_split",
-                       "fake_per_class", "fake_classes", "num_workers")
+                       "fake_per_class", "fake_classes", "num_workers", "holdout_per_class")
 SWITCH_VALUES = {"on", "off", "true", "false", "yes", "no", "none", "null"}
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 SHORT_KEYS = {"base_lr": "lr", "weight_decay": "wd"}
@@ -108,6 +111,9 @@ class SweepConfig:
     grid: Dict[str, Any] = field(default_factory=dict)
     seeds: List[int] = field(default_factory=lambda: [0])
     stages: Dict[str, Any] = field(default_factory=dict)
+    # Choose each pair's grid point on a validation stage, then run the test stages and the other seeds there
+    # (ssl_bocb/sweep/select.py): {metric: val_knn_top1, stages: [knn], extend: 2}.
+    select: Dict[str, Any] = field(default_factory=dict)
     resources: Resources = field(default_factory=Resources)
     results: str = ""
 
@@ -138,6 +144,7 @@ class Cell:
     stages: List[Stage]
     values: Dict[str, Any] = field(default_factory=dict)  # resolved keys worth a column (optimizer, lr, ...)
     committed: Optional[Dict[str, str]] = None  # its row in the sweep's committed results table, when it is there
+    committed_any: Optional[Dict[str, str]] = None  # its row there whatever its stages (a grid point chosen later)
 
     @property
     def id(self) -> str:
@@ -160,6 +167,13 @@ class Plan:
     extra: List[str]                   # key=value given on the command line, for every cell
     seeds: Optional[List[int]] = None  # --seeds given on the command line (None: the file's seeds)
     results: str = ""                  # the committed results table (absolute path), or ""
+    # with a select block: per pair (its labels less grid and seed joined by "__"), the grid points read so far,
+    # the chosen point and where it lies (select.py)
+    selection: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+
+    def group(self, cell: "Cell") -> str:
+        """The pair a cell belongs to: its axis labels (not its grid point or seed)."""
+        return "__".join(_label(a, cell.labels[a]) for a in self.axes)
 
     def find(self, cell_id: str) -> Cell:
         for c in self.cells:
@@ -292,7 +306,7 @@ def _excluded(labels: Dict[str, str], rules: List[Dict[str, Any]]) -> bool:
 def load_sweep(path: str, extra: List[str] = ()) -> Tuple[SweepConfig, str]:
     if not os.path.isfile(path):
         raise UserError(f"sweep file '{path}' does not exist; see configs/sweeps/ for examples")
-    cfg = config.load(SweepConfig, [path], [], open_keys=("axes", "grid", "stages", "resources.slurm.additional"))
+    cfg = config.load(SweepConfig, [path], [], open_keys=("axes", "grid", "stages", "select", "resources.slurm.additional"))
     sweep = OmegaConf.to_object(cfg)
     if not sweep.name:
         sweep.name = os.path.splitext(os.path.basename(path))[0]
@@ -322,6 +336,11 @@ def _stage_config(stage: str, spec: Any, base: str, pre_cfg) -> Tuple[List[str],
     for key in INHERITED_DATA_KEYS:
         value = pre_cfg.data[key]
         inherited.append(f"data.{key}={json.dumps(OmegaConf.to_container(value) if OmegaConf.is_config(value) else value)}")
+    if stage in VAL_STAGES:
+        if not pre_cfg.data.holdout_per_class:
+            raise UserError(f"stage '{stage}' evaluates on the validation split, but the cells hold none out; set "
+                            f"data.holdout_per_class (e.g. 500) in the sweep's overrides")
+        return part.files, inherited + part.overrides + ["data.test_split=holdout"]
     return part.files, inherited + part.overrides
 
 
@@ -349,7 +368,10 @@ def plan(path: str, extra: List[str] = (), seeds: Optional[List[int]] = None) ->
     for opt, keys in sweep.grid.items():
         if not isinstance(keys, dict) or not all(isinstance(v, list) and v for v in keys.values()):
             raise UserError(f"grid.{opt} must map optim keys to non-empty lists, e.g. {{base_lr: [0.1, 0.3]}}")
-    cells, seen = [], {}
+    sel = select.parse(sweep.select, list(sweep.stages), sweep.grid)
+    results = os.path.join(REPO_ROOT, sweep.results) if sweep.results else ""
+    committed = read_committed(results) if results else {}
+    cells, seen, used, selection = [], {}, set(), {}
     combos = itertools.product(*[vals for _, vals in axes]) if axes else [()]
     for combo in combos:
         labels = {a: v for a, (v, _) in zip(names, combo)}
@@ -362,33 +384,85 @@ def plan(path: str, extra: List[str] = (), seeds: Optional[List[int]] = None) ->
             probe = config.load(config.PretrainConfig, files, overrides)
         except UserError as e:
             raise UserError(f"{where}: {e}") from None
-        grid = sweep.grid.get(probe.optim.name, {})
+        key, grid = _grid_for(sweep.grid, labels, probe.optim.name)
+        if grid:
+            used.add(key)
+
+        def make(point, seed, stage_names=None, labels=labels, overrides=overrides, files=files, where=where):
+            cell_labels, cell_overrides = dict(labels), list(overrides)
+            for k, v in point.items():
+                cell_labels[SHORT_KEYS.get(k, k)] = _fmt(v)
+                cell_overrides.append(f"optim.{k}={_fmt(v)}")
+            cell_labels["seed"] = str(seed)
+            cell_overrides.append(f"seed={seed}")
+            c = _cell(sweep, base, files, cell_overrides, cell_labels, where, seen, stage_names)
+            c.committed_any = committed.get(f"{c.name}-{c.hash}")
+            return c
+
+        if sel is not None and grid:
+            group = "__".join(_label(a, v) for a, v in labels.items())
+            cells.extend(_selected_cells(sel, sweep, key, grid, make, selection, group, seen))
+            continue
         points = [dict(zip(grid, p)) for p in itertools.product(*grid.values())] if grid else [{}]
         for point in points:
             for seed in sweep.seeds:
-                cell_labels = dict(labels)
-                cell_overrides = list(overrides)
-                for key, v in point.items():
-                    cell_labels[SHORT_KEYS.get(key, key)] = _fmt(v)
-                    cell_overrides.append(f"optim.{key}={_fmt(v)}")
-                cell_labels["seed"] = str(seed)
-                cell_overrides.append(f"seed={seed}")
-                cells.append(_cell(sweep, base, files, cell_overrides, cell_labels, where, seen))
+                cells.append(make(point, seed))
     if not cells:
         raise UserError(f"sweep {sweep.name} has no cells (every combination is excluded)")
-    used = {c.values["optimizer"] for c in cells}
     unused = [o for o in sweep.grid if o not in used]
     if unused:
-        raise UserError(f"grid.{unused[0]} matches no cell's optimizer (the cells use {', '.join(sorted(used))})")
-    results = os.path.join(REPO_ROOT, sweep.results) if sweep.results else ""
-    if results:
-        committed = read_committed(results)
-        for c in cells:
-            row = committed.get(f"{c.name}-{c.hash}")
-            if row is not None and row.get("stage_hashes", "") == c.stage_hashes and row.get("state") == "done":
-                c.committed = row
+        raise UserError(f"grid.{unused[0]} matches no cell's optimizer (grid keys are an optimizer name, or "
+                        f"<backbone value>:<optimizer>; the cells use {', '.join(sorted({c.values['optimizer'] for c in cells}))})")
+    for c in cells:
+        row = committed.get(f"{c.name}-{c.hash}")
+        if row is not None and row.get("stage_hashes", "") == c.stage_hashes and row.get("state") == "done":
+            c.committed = row
     return Plan(sweep.name, os.path.abspath(path), sweep.output_dir, names, cells, sweep.resources, list(extra),
-                None if seeds is None else list(seeds), results)
+                None if seeds is None else list(seeds), results, selection)
+
+
+def _grid_for(grid: Dict[str, Any], labels: Dict[str, str], optimizer: str) -> Tuple[str, Dict[str, Any]]:
+    """The grid of a combination: ``<backbone value>:<optimizer>`` when the file has it, else ``<optimizer>``."""
+    specific = f"{labels.get('backbone')}:{optimizer}"
+    if specific in grid:
+        return specific, grid[specific]
+    return optimizer, grid.get(optimizer, {})
+
+
+def _selected_cells(sel, sweep, key: str, grid: Dict[str, Any], make, selection: Dict, group: str,
+                    seen: Dict[str, str]) -> List["Cell"]:
+    """The cells of one pair under ``select``: its grid points at the first seed (the validation stages), points
+    added past an end while the best lies there, then the chosen point's test stages and other seeds."""
+    if len(grid) != 1:
+        raise UserError(f"grid.{key}: select chooses along one key (e.g. base_lr), got {', '.join(grid)}")
+    name = next(iter(grid))
+    values = [float(v) for v in grid[name]]
+    if len(values) < 3:
+        raise UserError(f"grid.{key}.{name}: select needs at least 3 points to bracket a choice, got {len(values)}")
+    val_stages = [s for s in sweep.stages if s not in sel.stages]
+    seed0 = sweep.seeds[0]
+    points = {v: make({name: v}, seed0, val_stages) for v in values}
+    added = {select.LOW_END: 0, select.HIGH_END: 0}
+    while True:
+        scores = {v: select.cell_score(c, sel.metric) for v, c in points.items()}
+        if any(x is None for x in scores.values()):
+            best, where = None, select.PENDING
+            break
+        best, where = select.choose(scores)
+        if where == select.BRACKETED or added[where] >= sel.extend:
+            break
+        v = select.next_point(list(points), where)
+        points[v] = make({name: v}, seed0, val_stages)
+        added[where] += 1
+    out = [points[v] for v in sorted(points)]
+    selection[group] = dict(key=name, grid=key, points={_fmt(v): scores[v] for v in sorted(points)},
+                            chosen=None if best is None else _fmt(best), where=where,
+                            added=sorted(_fmt(v) for v in points if v not in values))
+    if where == select.BRACKETED:
+        seen.pop(points[best].hash)  # the chosen grid cell again, now with every stage
+        out[sorted(points).index(best)] = make({name: best}, seed0)
+        out.extend(make({name: best}, s) for s in sweep.seeds[1:])
+    return out
 
 
 def read_committed(path: str) -> Dict[str, Dict[str, str]]:
@@ -403,7 +477,7 @@ def read_committed(path: str) -> Dict[str, Dict[str, str]]:
         raise UserError(f"cannot read the committed results table '{path}' ({e}); restore it from git") from None
 
 
-def _cell(sweep, base, files, overrides, labels, where, seen) -> Cell:
+def _cell(sweep, base, files, overrides, labels, where, seen, stage_names=None) -> Cell:
     try:
         cfg = config.load(config.PretrainConfig, files, overrides)
     except UserError as e:
@@ -418,6 +492,8 @@ def _cell(sweep, base, files, overrides, labels, where, seen) -> Cell:
     folder = os.path.join(sweep.output_dir, "cells", f"{name}-{digest}")
     stages = []
     for stage, spec in sweep.stages.items():
+        if stage_names is not None and stage not in stage_names:
+            continue
         sfiles, soverrides = _stage_config(stage, spec, base, cfg)
         soverrides = soverrides + [f"seed={labels['seed']}"]
         try:

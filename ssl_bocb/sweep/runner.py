@@ -33,7 +33,8 @@ from .plan import Cell, Plan, Resources, Stage
 
 log = logging.getLogger(__name__)
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TOOLS = {"pretrain": "pretrain.py", "knn": "knn.py", "linprobe": "linprobe.py", "finetune": "finetune.py"}
+TOOLS = {"pretrain": "pretrain.py", "knn": "knn.py", "linprobe": "linprobe.py", "finetune": "finetune.py",
+         "val_knn": "knn.py", "val_linprobe": "linprobe.py"}
 # exit codes of a stage ended by a signal (negative: Popen's -signum; 128 + n: a shell's or Python's own report)
 SIGNAL_CODES = {-signal.SIGINT, -signal.SIGTERM, -signal.SIGKILL, 130, 137, 143}
 POLL_S = 2.0
