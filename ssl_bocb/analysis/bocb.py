@@ -252,7 +252,8 @@ def mark_significance(cells: "OrderedDict[Pair, CellStat]", backbone: str, cut: 
     """For one backbone's row: each cell's gap to the row's best (Welch t over seeds), and whether its flag is
     certain: flagged by the rule, and below the best by more than seed noise explains, by the Tukey-Kramer range test
     at 1 - ``level`` with the study's pooled seed noise ``noise`` = (s, df), so that a row of equal optimizers gets a
-    certain flag with probability <= 1 - ``level``. A flag that is not certain is uncertain."""
+    certain flag with probability <= 1 - ``level``, and by its own Welch interval to the best (which must exclude
+    0). A flag that is not certain is uncertain."""
     row = [c for (b, _), c in cells.items() if b == backbone]
     best = max(row, key=lambda c: c.mean)
     s, df = noise
@@ -262,7 +263,10 @@ def mark_significance(cells: "OrderedDict[Pair, CellStat]", backbone: str, cut: 
         c.gap, c.gap_low, c.gap_high = ((0.0, math.nan, math.nan) if c is best else
                                         welch_interval(best.scores, c.scores, level))
         c.critical_gap = crit * s * math.sqrt(1 / c.n + 1 / best.n) if math.isfinite(crit) else math.inf
-        c.certain = c.flagged and c is not best and c.gap > c.critical_gap
+        # the range test assumes one noise level; a pair much noisier than the rest also needs its own Welch
+        # interval to exclude 0, so that the pooled estimate never vouches for a gap its own seeds do not show
+        own = math.isfinite(c.gap_low) and c.gap_low > 0
+        c.certain = c.flagged and c is not best and c.gap > c.critical_gap and own
         c.uncertain = c.flagged and not c.certain
 
 

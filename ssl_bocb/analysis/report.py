@@ -662,7 +662,8 @@ def _study_section(doc: Doc, result: Dict, scored: List[Dict], metric: str, opts
           f"A flagged cell is **bad** (certain) when it is also below the row's best by more than seed noise "
           f"explains: the Tukey-Kramer range test at {1 - opts.level:.0%}, with the pooled seed noise "
           f"of the whole study (s = {study.noise[0]:.3f} points on {study.noise[1]} degrees of freedom), which keeps "
-          f"the chance of a certain flag in a row of equal optimizers under {1 - opts.level:.0%}; else **bad?** "
+          f"the chance of a certain flag in a row of equal optimizers under {1 - opts.level:.0%}, and whose own "
+          f"Welch interval to the best (next table) excludes 0; else **bad?** "
           f"(uncertain): seed noise alone could have put it there." + (
               " Where a pair was run on an lr / wd grid, its result is its grid point chosen on the validation split "
               "(below)." if any(r.get("val") is not None for r in scored) else
