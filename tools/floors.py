@@ -29,13 +29,14 @@ def main(argv=None):
     if bad:
         raise UserError(f"'{bad[0]}' is not a key=value override (the sweep file comes first, once)")
     setup_logging(True)
-    floors = measure(plan(args.sweep, args.overrides), args.init_seeds)
+    p = plan(args.sweep, args.overrides)
+    floors = measure(p, args.init_seeds)
     print(json.dumps({k: floors[k] for k in ("pixels", "bank_per_class", "random_init")}, indent=2))
     for split, block in floors["splits"].items():
         print(f"{split} ({block['split']}, bank {block['bank_per_class']}/class, {block['num_queries']} queries): "
               f"pixels {block['pixels']:.2f}; random init " +
               ", ".join(f"{k} {v:.2f}" for k, v in block["random_init"].items()))
-    print("written: " + ", ".join(paths(plan(args.sweep, args.overrides))))
+    print("written: " + ", ".join(paths(p)))
 
 
 if __name__ == "__main__":

@@ -78,16 +78,23 @@ def _key(v) -> str:
     return "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
 
 
+def _missing(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def _pair_point(r: Dict) -> Tuple[Pair, Tuple[str, str]]:
+    """A row's (backbone, optimizer) and its (lr, wd) grid point."""
+    return (str(r["backbone"]), str(r["optimizer"])), (_key(r.get("lr")), _key(r.get("wd")))
+
+
 def _grid_points(rows: Iterable[Dict]) -> "OrderedDict[Pair, OrderedDict[Tuple[str, str], List[float]]]":
     """The scores of each (backbone, optimizer) at each of its (lr, wd) grid points; rows without a score left out."""
     points: "OrderedDict[Pair, OrderedDict[Tuple[str, str], List[float]]]" = OrderedDict()
     for r in rows:
-        s = r.get("score")
-        if s is None or (isinstance(s, float) and math.isnan(s)):
+        if _missing(r.get("score")):
             continue
-        pair = (str(r["backbone"]), str(r["optimizer"]))
-        points.setdefault(pair, OrderedDict()).setdefault((_key(r.get("lr")), _key(r.get("wd"))), []).append(
-            float(s))
+        pair, point = _pair_point(r)
+        points.setdefault(pair, OrderedDict()).setdefault(point, []).append(float(r["score"]))
     return points
 
 
@@ -96,15 +103,13 @@ def _val_points(rows: Iterable[Dict]) -> "OrderedDict[Pair, OrderedDict[Tuple[st
     seed a select sweep runs its grid at), so that every point is compared on one draw, as the sweep chose."""
     out: "OrderedDict[Pair, OrderedDict[Tuple[str, str], Tuple[int, float]]]" = OrderedDict()
     for r in rows:
-        v = r.get("val")
-        if v is None or (isinstance(v, float) and math.isnan(v)):
+        if _missing(r.get("val")):
             continue
-        pair = (str(r["backbone"]), str(r["optimizer"]))
-        point = (_key(r.get("lr")), _key(r.get("wd")))
+        pair, point = _pair_point(r)
         seed = int(r.get("seed") or 0)
         have = out.setdefault(pair, OrderedDict()).get(point)
         if have is None or seed < have[0]:
-            out[pair][point] = (seed, float(v))
+            out[pair][point] = (seed, float(r["val"]))
     return out
 
 
@@ -120,49 +125,49 @@ def _choose_on_val(points: "OrderedDict[Tuple[str, str], Tuple[int, float]]") ->
     return next(p for p in points if lrs[p] == lr), where
 
 
-def cell_stats(rows: Iterable[Dict], method: str = "t", level: float = 0.95) -> "OrderedDict[Pair, CellStat]":
+def _chosen(rows: List[Dict]) -> "OrderedDict[Pair, Dict]":
+    """Per pair: its chosen grid point, what chose it (val | score), where it lies in its grid, the validation score
+    per point, and the scores at the chosen point (None when that point has no score: an unseeded choice)."""
+    points, vals = _grid_points(rows), _val_points(rows)
+    out: "OrderedDict[Pair, Dict]" = OrderedDict()
+    for pair in OrderedDict.fromkeys(list(vals) + list(points)):
+        by_point = points.get(pair, OrderedDict())
+        if pair in vals:
+            point, bracket = _choose_on_val(vals[pair])
+            out[pair] = dict(point=point, chosen_on="val", bracket=bracket, scores=by_point.get(point),
+                             grid={p[0] or p[1]: v for p, (_, v) in vals[pair].items()})
+        else:
+            point, scores = max(by_point.items(), key=lambda kv: float(np.mean(kv[1])))
+            out[pair] = dict(point=point, chosen_on="score", bracket="", scores=scores, grid={})
+    return out
+
+
+def cell_stats(rows: Iterable[Dict], method: str = "t", level: float = 0.95,
+               chosen: Optional["OrderedDict[Pair, Dict]"] = None) -> "OrderedDict[Pair, CellStat]":
     """One statistic per (backbone, optimizer): the mean over seeds and its interval. When a pair was run at
     several (lr, wd) grid points, its result is the point chosen on the validation score (rows' ``val``, read at each
     point's first seed: the point a select sweep chose, and ``bracket`` says where it lies in the grid), else the
     best point by mean score (the tuned result, as the BOCB paper reports). A pair whose chosen point has no score
-    (an unbracketed grid, left unseeded) has no statistic: :func:`unmeasured` lists it."""
-    rows = list(rows)
-    points = _grid_points(rows)
-    vals = _val_points(rows)
+    (an unbracketed grid, left unseeded) has no statistic: :func:`unmeasured` lists it. ``chosen``: the
+    :func:`_chosen` of these rows, when the caller has it already."""
     out: "OrderedDict[Pair, CellStat]" = OrderedDict()
-    for pair in OrderedDict.fromkeys(list(vals) + list(points)):
-        by_point = points.get(pair, OrderedDict())
-        chosen_on, bracket, grid = "score", "", {}
-        if pair in vals:
-            (lr, wd), bracket = _choose_on_val(vals[pair])
-            chosen_on = "val"
-            grid = {p[0] or p[1]: v for p, (_, v) in vals[pair].items()}
-            if (lr, wd) not in by_point:
-                continue
-            scores = by_point[(lr, wd)]
-        elif by_point:
-            (lr, wd), scores = max(by_point.items(), key=lambda kv: float(np.mean(kv[1])))
-        else:
+    for pair, ch in (_chosen(list(rows)) if chosen is None else chosen).items():
+        if ch["scores"] is None:
             continue
-        x = np.asarray(scores)
+        (lr, wd), x = ch["point"], np.asarray(ch["scores"])
         lo, hi = confidence_interval(x, method, level)
         out[pair] = CellStat(pair[0], pair[1], len(x), float(x.mean()),
                              float(x.std(ddof=1)) if len(x) > 1 else math.nan, lo, hi, list(map(float, x)),
-                             lr or None, wd or None, chosen_on=chosen_on, bracket=bracket, grid=grid)
+                             lr or None, wd or None, chosen_on=ch["chosen_on"], bracket=ch["bracket"],
+                             grid=ch["grid"])
     return out
 
 
-def unmeasured(rows: Iterable[Dict]) -> List[Dict]:
+def unmeasured(rows: Iterable[Dict], chosen: Optional["OrderedDict[Pair, Dict]"] = None) -> List[Dict]:
     """Pairs chosen on validation whose chosen point has no score: where their best validation point lies."""
-    rows = list(rows)
-    points = _grid_points(rows)
-    out = []
-    for pair, by_val in _val_points(rows).items():
-        point, where = _choose_on_val(by_val)
-        if point not in points.get(pair, {}):
-            out.append(dict(backbone=pair[0], optimizer=pair[1], lr=point[0] or None, bracket=where,
-                            grid={p[0] or p[1]: v for p, (_, v) in by_val.items()}))
-    return out
+    chosen = _chosen(list(rows)) if chosen is None else chosen
+    return [dict(backbone=pair[0], optimizer=pair[1], lr=ch["point"][0] or None, bracket=ch["bracket"],
+                 grid=ch["grid"]) for pair, ch in chosen.items() if ch["scores"] is None]
 
 
 # --- seed noise ------------------------------------------------------------------------------------------------------
@@ -372,8 +377,8 @@ def analyze_study(rows: Iterable[Dict], rule: str = "eq1", threshold: float = 3.
                   level: float = 0.95) -> Study:
     """The study tables of one metric: cell means with intervals, bad-pairing flags per backbone, and summaries
     per backbone (over its optimizers) and per optimizer (over backbones: optimizer generality)."""
-    rows = list(rows)
-    cells = cell_stats(rows, ci, level)
+    chosen = _chosen(list(rows))
+    cells = cell_stats([], ci, level, chosen)
     if not cells:
         raise ValueError("no scored rows to analyse")
     noise = pooled_noise(cells.values())
@@ -393,7 +398,7 @@ def analyze_study(rows: Iterable[Dict], rule: str = "eq1", threshold: float = 3.
         flags = {b: cells[(b, o)].flagged for b in res}
         per_optimizer.append(summarize(o, res, flags))
     return Study(cells, backbones, optimizers, RuleRun(rule, threshold), per_backbone, per_optimizer, noise,
-                 interaction(cells, noise, level), unmeasured(rows))
+                 interaction(cells, noise, level), unmeasured([], chosen))
 
 
 # --- hyper-parameter robustness --------------------------------------------------------------------------------------

@@ -10,8 +10,10 @@ Both are read on the validation split (``val``: the choices of a study are made 
 final readings), with exactly the evaluation config of the sweep's ``val_knn`` / ``knn`` stage. Written as
 ``floors.json`` beside the committed results table (and in the sweep's output folder)::
 
-    {"pixels": 39.45, "bank_per_class": 1000, "random_init": {"resnet18": 20.9, ...},   # the test split
-     "val": {"pixels": ..., "random_init": {...}}, "random_init_seeds": {...}, "protocol": {...}}
+    {"pixels": 39.45, "bank_per_class": 1000, "random_init": {"resnet18": 20.9, ...},   # the test split's
+     "init_seeds": [0, 1, 2],
+     "splits": {"val": {"pixels": ..., "random_init": {...}, "random_init_seeds": {...}, "protocol": {...}, ...},
+                "test": {...}}}
 """
 from __future__ import annotations
 
@@ -21,10 +23,10 @@ import os
 import statistics
 from typing import Dict, List, Optional, Sequence
 
-import torch
 from torch import nn
 
 from .. import config
+from ..data import norm_stats
 from ..errors import UserError
 from .plan import Cell, Plan
 
@@ -98,23 +100,19 @@ def measure(plan: Plan, init_seeds: Sequence[int] = (0, 1, 2)) -> Dict:
         log.info("floors on %s: raw pixels, then %d backbone variants x %d init seeds", split, len(variants),
                  len(init_seeds))
         pix = pixel_knn(cfg)
+        mean, std = norm_stats(cfg.data)
         seeds = {key: [_random_init(plan, cell, key, stage, s) for s in init_seeds] for key, cell in variants.items()}
         out["splits"][split] = dict(
             pixels=pix["top1"], num_bank=pix["num_train"], num_queries=pix["num_test"],
             bank_per_class=bank_per_class(cfg), split=cfg.data.test_split,
             random_init={k: round(statistics.mean(v), 4) for k, v in seeds.items()},
             random_init_seeds=seeds,
-            protocol=dict(k=cfg.knn.k, temperature=cfg.knn.temperature, mean=list(_stats(cfg)[0]),
-                          std=list(_stats(cfg)[1]), feature="normalised pixels, flattened, L2-normalised"))
+            protocol=dict(k=cfg.knn.k, temperature=cfg.knn.temperature, mean=list(mean), std=list(std),
+                          feature="normalised pixels, flattened, L2-normalised"))
     main = out["splits"].get("test") or out["splits"]["val"]
     out.update(pixels=main["pixels"], bank_per_class=main["bank_per_class"], random_init=main["random_init"])
     write(plan, out)
     return out
-
-
-def _stats(cfg):
-    from ..data import norm_stats
-    return norm_stats(cfg.data)
 
 
 def paths(plan: Plan) -> List[str]:
@@ -144,11 +142,3 @@ def read(path: str) -> Optional[Dict]:
         raise UserError(f"'{path}' lacks 'pixels' / 'random_init'; run tools/floors.py again")
     return data
 
-
-def gate(floors: Dict, split: str, variant: str, margin_pixels: float = 5.0, margin_random: float = 15.0) -> float:
-    """The calibration gate of a variant: max(pixels + 5, random init + 15) on ``split``."""
-    block = floors["splits"][split]
-    if variant not in block["random_init"]:
-        raise UserError(f"floors have no random-init reading of '{variant}' (they have "
-                        f"{', '.join(block['random_init'])}); run tools/floors.py on this sweep")
-    return max(block["pixels"] + margin_pixels, block["random_init"][variant] + margin_random)

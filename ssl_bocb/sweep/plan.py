@@ -173,7 +173,7 @@ class Plan:
 
     def group(self, cell: "Cell") -> str:
         """The pair a cell belongs to: its axis labels (not its grid point or seed)."""
-        return "__".join(_label(a, cell.labels[a]) for a in self.axes)
+        return _group_name({a: cell.labels[a] for a in self.axes})
 
     def find(self, cell_id: str) -> Cell:
         for c in self.cells:
@@ -296,6 +296,11 @@ def _label(axis: str, value: str) -> str:
     return value if alone else f"{axis}={value}"
 
 
+def _group_name(labels: Dict[str, str]) -> str:
+    """A pair's name: its axis labels joined, as cell names join them (without grid point or seed)."""
+    return "__".join(_label(a, v) for a, v in labels.items())
+
+
 def _excluded(labels: Dict[str, str], rules: List[Dict[str, Any]]) -> bool:
     for rule in rules:
         if all(labels.get(a) in ([_fmt(x) for x in v] if isinstance(v, list) else [_fmt(v)]) for a, v in rule.items()):
@@ -379,7 +384,7 @@ def plan(path: str, extra: List[str] = (), seeds: Optional[List[int]] = None) ->
             continue
         files = recipe + [f for _, part in combo for f in part.files]
         overrides = list(sweep.overrides) + [o for _, part in combo for o in part.overrides] + list(extra)
-        where = "cell " + "__".join(_label(a, v) for a, v in labels.items())
+        where = "cell " + _group_name(labels)
         try:
             probe = config.load(config.PretrainConfig, files, overrides)
         except UserError as e:
@@ -400,8 +405,7 @@ def plan(path: str, extra: List[str] = (), seeds: Optional[List[int]] = None) ->
             return c
 
         if sel is not None and grid:
-            group = "__".join(_label(a, v) for a, v in labels.items())
-            cells.extend(_selected_cells(sel, sweep, key, grid, make, selection, group, seen))
+            cells.extend(_selected_cells(sel, sweep, key, grid, make, selection, _group_name(labels), seen))
             continue
         points = [dict(zip(grid, p)) for p in itertools.product(*grid.values())] if grid else [{}]
         for point in points:
