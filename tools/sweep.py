@@ -71,6 +71,31 @@ def run_selected(p, args):
     return p, outcome
 
 
+def run_command(p, args):
+    """`run`: the cells not done here (a select sweep one pair at a time), then the table; exit 1 if any failed."""
+    if args.parallel is not None and args.parallel < 1:
+        raise UserError(f"--parallel must be >= 1, got {args.parallel}")
+    cells = [p.find(c) for c in args.cells] if args.cells else None
+    try:
+        # with a committed results table, each finished cell's row is written there as it comes in
+        if p.selection and cells is None:
+            p, outcome = run_selected(p, args)
+        else:
+            outcome = run_local(p, args.parallel, args.retry_failed, cells,
+                                on_done=(lambda cell: collect(p)) if p.results else None)
+    finally:
+        paths = collect(p)
+    with open(paths["md"]) as f:
+        print(f.read())
+    print(f"results: {paths['md']}, {paths['csv']}" + (f", {paths['png']}" if "png" in paths else ""))
+    n_bad = len(outcome["failed"]) + len(outcome["skipped"]) + len(outcome["interrupted"])
+    if n_bad:
+        print(f"{len(outcome['failed'])} cell(s) failed, {len(outcome['skipped'])} failed before and skipped, "
+              f"{len(outcome['interrupted'])} interrupted; `tools/sweep.py status {args.sweep}` shows why",
+              file=sys.stderr)
+        sys.exit(1)
+
+
 @cli_main
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
@@ -124,27 +149,7 @@ def main(argv=None):
         from ssl_bocb.sweep.baselines import random_init
         print(json.dumps(random_init(p), indent=2))
     elif args.command == "run":
-        if args.parallel is not None and args.parallel < 1:
-            raise UserError(f"--parallel must be >= 1, got {args.parallel}")
-        cells = [p.find(c) for c in args.cells] if args.cells else None
-        try:
-            # with a committed results table, each finished cell's row is written there as it comes in
-            if p.selection and cells is None:
-                p, outcome = run_selected(p, args)
-            else:
-                outcome = run_local(p, args.parallel, args.retry_failed, cells,
-                                    on_done=(lambda cell: collect(p)) if p.results else None)
-        finally:
-            paths = collect(p)
-        with open(paths["md"]) as f:
-            print(f.read())
-        print(f"results: {paths['md']}, {paths['csv']}" + (f", {paths['png']}" if "png" in paths else ""))
-        n_bad = len(outcome["failed"]) + len(outcome["skipped"]) + len(outcome["interrupted"])
-        if n_bad:
-            print(f"{len(outcome['failed'])} cell(s) failed, {len(outcome['skipped'])} failed before and skipped, "
-                  f"{len(outcome['interrupted'])} interrupted; `tools/sweep.py status {args.sweep}` shows why",
-                  file=sys.stderr)
-            sys.exit(1)
+        run_command(p, args)
     elif args.command == "submit":
         from ssl_bocb.sweep.slurm import submit
         out = submit(p, args.cluster, args.retry_failed, args.wait)
