@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -553,15 +552,6 @@ def validate(cfg: DictConfig) -> None:
             resolve(node, key, warn=False)  # unknown names, missing lr / wd, betas of the wrong length
 
 
-def scaled_lr(base_lr: float, global_batch: int, rule: str) -> float:
-    """Actual peak lr from the base lr (per 256 images) and the global batch size."""
-    if rule == "linear":
-        return base_lr * global_batch / 256
-    if rule == "sqrt":
-        return base_lr * math.sqrt(global_batch / 256)
-    return base_lr
-
-
 def to_dict(cfg: DictConfig) -> Dict[str, Any]:
     """Plain, resolved dict (for checkpoints and JSON): never pickle a DictConfig."""
     return OmegaConf.to_container(cfg, resolve=True)
@@ -571,7 +561,5 @@ def save(cfg: DictConfig, path: str, derived: Optional[Dict[str, Any]] = None) -
     data = to_dict(cfg)
     if derived:
         data["derived"] = derived
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(OmegaConf.to_yaml(OmegaConf.create(data)))
-    os.replace(tmp, path)
+    from .files import write_text
+    write_text(path, OmegaConf.to_yaml(OmegaConf.create(data)))

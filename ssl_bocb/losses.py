@@ -45,7 +45,3 @@ def contrastive_loss_rows(q: torch.Tensor, k_all: torch.Tensor, temperature: flo
         targets = torch.arange(q.shape[0], device=q.device) + first
         return F.cross_entropy(logits, targets, reduction="sum") / total * (2 * temperature)
 
-
-def symmetric_loss(q1, q2, k1, k2, temperature: float) -> torch.Tensor:
-    """MoCo v3 total loss: ctr(q1, k2) + ctr(q2, k1)."""
-    return contrastive_loss(q1, k2, temperature) + contrastive_loss(q2, k1, temperature)

@@ -6,7 +6,7 @@ import torch
 import torch.multiprocessing as mp
 
 from ssl_bocb import dist
-from ssl_bocb.losses import contrastive_loss, symmetric_loss
+from ssl_bocb.losses import contrastive_loss
 
 
 def test_loss_matches_hand_computation():
@@ -22,12 +22,10 @@ def test_loss_matches_hand_computation():
     assert contrastive_loss(q, k, tau).item() == pytest.approx(expected.item(), rel=1e-6)
 
 
-def test_loss_is_scale_invariant_and_symmetric_sum():
+def test_loss_is_scale_invariant():
     torch.manual_seed(0)
-    q1, q2, k1, k2 = (torch.randn(8, 16) for _ in range(4))
+    q1, k2 = (torch.randn(8, 16) for _ in range(2))
     assert contrastive_loss(q1 * 3, k2 / 5, 0.2).item() == pytest.approx(contrastive_loss(q1, k2, 0.2).item(), rel=1e-5)
-    total = symmetric_loss(q1, q2, k1, k2, 0.2)
-    assert total.item() == pytest.approx((contrastive_loss(q1, k2, 0.2) + contrastive_loss(q2, k1, 0.2)).item())
 
 
 def test_keys_get_no_gradient():

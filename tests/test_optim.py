@@ -10,7 +10,8 @@ from torch import nn
 
 from ssl_bocb import config
 from ssl_bocb.engine import make_accelerator
-from ssl_bocb.engine.step import StepSettings, train_step
+from ssl_bocb.engine.step import StepSettings, compute_gradients
+from ssl_bocb.optim.schedules import scaled_lr
 from ssl_bocb.errors import UserError
 from ssl_bocb.optim import (TABLE, clip_gradients, create_optimizer, param_groups, record, resolve, sam_perturb,
                             schedules, valid_names)
@@ -257,7 +258,8 @@ def test_sam_step_equals_hand_computed_two_pass_step(adaptive):
         loss_w0 = loss_fn().item()
     opt = create_optimizer(model, "sgd", lr, 0.0, momentum=0.0)
     settings = StepSettings(sam_rho=rho, sam_adaptive=adaptive)
-    loss, grad_norm = train_step(model, opt, cpu_accelerator(), [model.weight], loss_fn, settings)
+    loss, grad_norm = compute_gradients(model, opt, cpu_accelerator(), [model.weight], loss_fn, settings)
+    opt.step()
     assert torch.allclose(model.weight.detach(), expected, atol=1e-7)
     assert not torch.allclose(expected, w0 - lr * g0, atol=1e-5)   # the second pass made a difference
     assert loss.item() == pytest.approx(loss_w0) and grad_norm.item() == pytest.approx(g1.norm().item(), rel=1e-5)
@@ -273,8 +275,9 @@ def test_sam_keeps_bn_statistics_of_one_forward_and_restores_weights():
     opt = create_optimizer(model, "sgd", 0.1, 0.0, momentum=0.0)
     opt.step = lambda: None   # no update: after SAM's two passes the weights must be back exactly at w0
     w = [p.detach().clone() for p in model.parameters()]
-    train_step(model, opt, cpu_accelerator(), list(model.parameters()), lambda: model(x).pow(2).mean(),
-               StepSettings(sam_rho=0.5))
+    compute_gradients(model, opt, cpu_accelerator(), list(model.parameters()), lambda: model(x).pow(2).mean(),
+                      StepSettings(sam_rho=0.5))
+    opt.step()
     assert torch.allclose(model[1].running_mean, ref[1].running_mean)
     assert torch.allclose(model[1].running_var, ref[1].running_var)
     assert all(torch.equal(a, b) for a, b in zip(w, model.parameters()))
@@ -337,9 +340,9 @@ def test_schedule_end_points():
 
 
 def test_lr_scaling_rules():
-    assert config.scaled_lr(0.3, 512, "linear") == pytest.approx(0.6)
-    assert config.scaled_lr(0.3, 1024, "sqrt") == pytest.approx(0.6)
-    assert config.scaled_lr(0.3, 1024, "none") == pytest.approx(0.3)
+    assert scaled_lr(0.3, 512, "linear") == pytest.approx(0.6)
+    assert scaled_lr(0.3, 1024, "sqrt") == pytest.approx(0.6)
+    assert scaled_lr(0.3, 1024, "none") == pytest.approx(0.3)
 
 
 def test_a_bf16_optimizer_on_a_cpu_without_native_bf16_is_warned(caplog, monkeypatch):

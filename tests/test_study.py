@@ -6,9 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 
-from conftest import REPO
 from ssl_bocb import config
 from ssl_bocb.data.datasets import HOLDOUT, subset_base
 from ssl_bocb.errors import UserError

@@ -39,6 +39,7 @@ import torch  # noqa: E402
 
 from ssl_bocb import config  # noqa: E402
 from ssl_bocb.errors import UserError, cli_main  # noqa: E402
+from ssl_bocb.optim.schedules import scaled_lr  # noqa: E402
 
 KINDS = ("data", "step", "e2e")
 # dense bf16 / fp32 (TF32) peak FLOP/s of the GPUs MFU is reported for
@@ -129,7 +130,7 @@ def plain_model(cfg, device):
         if type(m) is CentreTapConv2d:
             m.__class__ = torch.nn.Conv2d
     resolved = resolve(cfg.optim)
-    opt = optimizer_from_cfg(model, cfg.optim, config.scaled_lr(resolved.base_lr, cfg.train.batch_size,
+    opt = optimizer_from_cfg(model, cfg.optim, scaled_lr(resolved.base_lr, cfg.train.batch_size,
                                                                 resolved.lr_scaling), resolved)
 
     def step(x1, x2):

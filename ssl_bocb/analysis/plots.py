@@ -2,12 +2,7 @@
 import json
 import os
 
-
-def read_jsonl(path: str):
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+from ..files import read_jsonl  # noqa: F401  (the figures read the run's logs)
 
 
 def read_summary(run_dir: str) -> dict:

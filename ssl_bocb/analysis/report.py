@@ -16,6 +16,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from ..errors import UserError
+from ..files import strict, write_text
 from . import bocb
 from .plots import _pyplot, read_jsonl
 
@@ -190,10 +191,7 @@ def weight_rows(folder: str, cache_dir: str, pca_frac: float, bins: int) -> Opti
     from ..models.export import load_backbone
     from .spectral import model_metrics
     layers = model_metrics(load_backbone(folder), bins=bins, pca_frac=pca_frac)
-    os.makedirs(cache_dir, exist_ok=True)
-    with open(cache + ".tmp", "w") as f:
-        json.dump(dict(key=key, layers=layers), f)
-    os.replace(cache + ".tmp", cache)
+    write_text(cache, json.dumps(dict(key=key, layers=layers)))
     return layers
 
 
@@ -505,15 +503,6 @@ def _gap(c: bocb.CellStat) -> str:
     if not math.isfinite(c.gap_low):
         return f"{c.gap:.2f} (one seed)"
     return f"{c.gap:.2f} [{c.gap_low:.2f}, {c.gap_high:.2f}]" + ("" if c.gap_low > 0 else " ~0")
-
-
-def _per_pair(rows: List[Dict], value) -> "OrderedDict[Tuple[str, str], List[float]]":
-    out: "OrderedDict[Tuple[str, str], List[float]]" = OrderedDict()
-    for r in rows:
-        v = value(r)
-        if v is not None and math.isfinite(v):
-            out.setdefault((r["backbone"], r["optimizer"]), []).append(float(v))
-    return out
 
 
 def analyze(source_path: str, out_dir: str, opts: Options = Options(), progress: bool = True) -> Dict[str, str]:
@@ -916,26 +905,11 @@ def _write_report(doc: Doc, result: Dict, source_path: str, out_dir: str, fig_di
     paths = dict(md=os.path.join(out_dir, "report.md"), html=os.path.join(out_dir, "report.html"),
                  json=os.path.join(out_dir, "bocb.json"))
     for key, text in (("md", doc.markdown(out_dir)), ("html", doc.html(f"BOCB report: {source_path}")),
-                      ("json", json.dumps(_finite(result), indent=2, default=_json_default))):
-        with open(paths[key] + ".tmp", "w") as f:
-            f.write(text)
-        os.replace(paths[key] + ".tmp", paths[key])
+                      ("json", json.dumps(strict(result), indent=2, default=_json_default))):
+        write_text(paths[key], text)
     paths["figures"] = fig_dir
     paths["n_figures"] = str(len(doc.figures()))
     return paths
-
-
-def _finite(o):
-    """NaN / inf -> None, so that bocb.json is strict JSON."""
-    if isinstance(o, float):
-        return o if math.isfinite(o) else None
-    if isinstance(o, dict):
-        return {k: _finite(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_finite(v) for v in o]
-    if hasattr(o, "__dataclass_fields__"):
-        return _finite(asdict(o))
-    return o
 
 
 def _json_default(o):

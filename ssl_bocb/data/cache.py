@@ -10,7 +10,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -21,6 +20,7 @@ from tqdm.auto import tqdm
 
 from ..dist import local_main_first
 from ..errors import UserError
+from ..files import atomic_write
 from .archive import default_cache_dir
 from .datasets import IMAGE_ERRORS, CIFAR10Files, subset_base
 
@@ -201,22 +201,13 @@ def _read_cache(stem: str, n: int):
 def _write_cache(stem: str, images: np.ndarray, bad: np.ndarray) -> bool:
     """The .npy first, then the .json that marks it complete, each written under a unique temporary name (processes
     on several nodes may share the folder) and renamed into place. False (and nothing left behind) on failure."""
-    folder, base = os.path.split(stem)
-    tmps = []
     try:
-        os.makedirs(folder, exist_ok=True)
         for ext, write in ((".npy", lambda f: np.save(f, images)),
                            (".json", lambda f: f.write(json.dumps(dict(shape=list(images.shape), bad=bad.tolist()))
                                                        .encode()))):
-            fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=folder)
-            tmps.append(tmp)
-            with os.fdopen(fd, "wb") as f:
+            with atomic_write(stem + ext, "wb") as f:
                 write(f)
-            os.replace(tmp, stem + ext)
         return True
     except OSError as e:
         log.warning("could not write the decoded cache %s (%s); it is kept in memory for this run", stem, e)
-        for tmp in tmps:
-            if os.path.exists(tmp):
-                os.remove(tmp)
         return False

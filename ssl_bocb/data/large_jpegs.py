@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..files import write_text
 from .datasets import build_base, per_class_subset
 
 
@@ -41,6 +42,5 @@ def make_large_jpegs(data_cfg, out: str, per_class: int, seed: int = 0, split: O
         folder = os.path.join(out, "train", names[label])
         os.makedirs(folder, exist_ok=True)
         Image.fromarray(big).save(os.path.join(folder, f"{k:06d}.JPEG"), "JPEG", quality=90, subsampling=2)
-    with open(marker, "w") as f:
-        f.write(spec)
+    write_text(marker, spec)
     return len(keep)

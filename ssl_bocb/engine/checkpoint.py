@@ -23,6 +23,7 @@ from typing import Dict, Optional
 import torch
 
 from ..errors import UserError
+from ..files import read_json, strict
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +49,8 @@ def latest_checkpoint(run_dir: str) -> Optional[str]:
 
 
 def read_meta(path: str) -> dict:
-    try:
-        with open(os.path.join(path, "meta.json")) as f:
-            return json.load(f)
-    except ValueError as e:
-        raise UserError(f"checkpoint '{path}' has an unreadable meta.json ({e}); resume from another checkpoint")
+    return read_json(os.path.join(path, "meta.json"), f"checkpoint '{path}': its meta.json",
+                     fix="resume from another checkpoint")
 
 
 def _sha256(path: str, fsync: bool = False) -> str:
@@ -195,7 +193,7 @@ def save_checkpoint(accelerator, run_dir: str, meta: dict, keep: int = 0,
                                         os.path.join(tmp, f"{name}.safetensors"))
         meta = dict(meta, files=_manifest(tmp))
         with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump(meta, f, indent=2)
+            json.dump(strict(meta, "string"), f, indent=2)
             f.flush()
             os.fsync(f.fileno())
         _fsync_dir(tmp)

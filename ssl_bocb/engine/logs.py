@@ -9,8 +9,8 @@ from typing import Dict
 
 import torch
 
-from ..analysis.plots import read_jsonl  # noqa: F401  (re-exported: one JSON-lines reader for the package)
 from ..errors import UserError
+from ..files import atomic_write, read_jsonl
 
 RUN_FILES = ("config.yaml", "checkpoints", "log.jsonl", "backbone.safetensors")
 
@@ -102,15 +102,6 @@ def append_jsonl(path: str, row: Dict) -> None:
 def truncate_jsonl(path: str, max_step: int) -> None:
     """Keep the rows logged up to ``max_step`` (a resumed run rewrites what came after its checkpoint)."""
     rows = [r for r in read_jsonl(path) if r.get("step", 0) <= max_step]
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_write(path) as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
-
-
-def write_json(path: str, data) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)

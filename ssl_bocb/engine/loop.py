@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import UserError
+from ..files import write_json
 from ..optim import schedules
 from . import checkpoint as ckpt
 from . import logs
@@ -319,7 +320,7 @@ class TrainLoop:
 
     def write_summary(self, status: str, **extra) -> None:
         if self.acc.is_main_process:
-            logs.write_json(os.path.join(self.run_dir, "summary.json"),
+            write_json(os.path.join(self.run_dir, "summary.json"),
                             self.events.summary(status, self.step, self.total_steps,
                                                 dict(world_size=self.world, **extra)))
 

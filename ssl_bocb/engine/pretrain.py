@@ -96,7 +96,7 @@ class PretrainTask(Task):
                                 f"double backward, which compiled graphs do not give; set train.compile=false")
             for part in model.children():  # in place: parameter names, checkpoints and exports stay as they are
                 part.compile()
-        self.lr = config_mod.scaled_lr(self.resolved.base_lr, cfg.train.batch_size, self.resolved.lr_scaling)
+        self.lr = schedules.scaled_lr(self.resolved.base_lr, cfg.train.batch_size, self.resolved.lr_scaling)
         optimizer = optimizer_from_cfg(model, cfg.optim, self.lr, self.resolved)
         self.groups = group_summary(optimizer.param_groups)
         self.optimizer_record = record(optimizer, self.resolved, self.lr)

@@ -162,14 +162,6 @@ def _chunked_gradients(model, optimizer, accelerator, params, chunks, settings: 
     return total, grad_norm
 
 
-def train_step(model: nn.Module, optimizer, accelerator, params, loss_fn: Callable[[], torch.Tensor],
-               settings: StepSettings):
-    """One optimisation step; returns (loss at the current weights, gradient norm before clipping) as tensors."""
-    loss, grad_norm = compute_gradients(model, optimizer, accelerator, params, loss_fn, settings)
-    optimizer.step()
-    return loss, grad_norm
-
-
 def resolve_host_reads(requested: str, accelerator) -> str:
     """``train.host_reads``: auto is "log" on GPUs (a host read per step stalls the device queue) and "step" elsewhere
     (on a CPU it costs nothing); fp16's loss scaler decides per step, so it always reads per step."""

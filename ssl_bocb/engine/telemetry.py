@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ..analysis.stability import DipDetector, SpikeDetector
+from ..files import strict
 
 log = logging.getLogger(__name__)
 
@@ -266,11 +267,6 @@ class RunEvents:
 
 
 def strict_json(o):
-    """``o`` with every non-finite float written as a string ("nan", "inf"), so that the file is strict JSON."""
-    if isinstance(o, float) and not math.isfinite(o):
-        return str(o)
-    if isinstance(o, dict):
-        return {k: strict_json(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [strict_json(v) for v in o]
-    return o
+    """``o`` with every non-finite float written as a string ("nan", "inf"), so that the file is strict JSON and
+    the values stay readable (a diverged step's loss)."""
+    return strict(o, nonfinite="string")

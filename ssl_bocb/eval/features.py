@@ -17,6 +17,7 @@ from ..data.pipeline import num_workers, worker_options
 from ..device import use_channels_last
 from ..engine import checkpoint as ckpt
 from ..errors import UserError
+from ..files import atomic_path
 from ..models import create_backbone, load_backbone
 from ..models.backbones import backbone_kwargs_from_cfg
 
@@ -168,7 +169,6 @@ def cached_features(backbone: nn.Module, digest: str, dataset, data_cfg, split: 
     feats, labels = extract_features(backbone, dataset, accelerator, batch_size, num_workers(data_cfg),
                                      desc=f"{data_cfg.name} {split}")
     if use_cache and accelerator.is_main_process:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        torch.save({"features": feats, "labels": labels}, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        with atomic_path(path) as tmp:
+            torch.save({"features": feats, "labels": labels}, tmp)
     return feats, labels, False

@@ -21,7 +21,7 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
-from ..config import scaled_lr, to_dict
+from ..config import to_dict
 from ..data import build_dataset, eval_transform, norm_stats
 from ..data.pipeline import num_workers, worker_options
 from ..engine import checkpoint as ckpt
@@ -32,6 +32,7 @@ from ..engine.setup import (log_optimizer, make_accelerator, open_run_folder, re
 from ..engine.step import StepSettings
 from ..errors import UserError
 from ..models.backbones import create_from_spec
+from ..optim.schedules import scaled_lr
 from ..optim import build_optimizer, group_summary, param_groups, record, resolve
 from .features import load_eval_backbone
 from .linear import evaluate

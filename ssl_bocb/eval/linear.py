@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..data.pipeline import worker_options
+from ..optim.schedules import scaled_lr
 from .features import weights_digest
 
 
@@ -64,7 +65,7 @@ def train_linear_cached(train_f: torch.Tensor, train_y: torch.Tensor, test_f: to
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     head = make_head(train_f.shape[1], num_classes).to(device)
-    lr = base_lr * batch_size / 256
+    lr = scaled_lr(base_lr, batch_size, "linear")
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     xs, ys = train_f.float().to(device), train_y.long().to(device)
     n = xs.shape[0]
@@ -95,7 +96,7 @@ def linear_probe_full(backbone: nn.Module, train_ds, test_ds, accelerator, num_c
     backbone.eval()
     backbone.to(accelerator.device)
     head = make_head(backbone.num_features, num_classes)
-    lr = base_lr * batch_size / 256
+    lr = scaled_lr(base_lr, batch_size, "linear")
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     per_device = max(batch_size // accelerator.num_processes, 1)
     train_loader = DataLoader(train_ds, batch_size=per_device, shuffle=True, drop_last=False,

@@ -5,6 +5,7 @@ import time
 from typing import Any, Dict
 
 from ..errors import UserError
+from ..files import write_text
 
 # field -> allowed types; every stage writes these, plus its own fields
 SCHEMA = {
@@ -52,10 +53,6 @@ def check_writable(path: str, overwrite: bool) -> None:
 def write_metrics(path: str, metrics: Dict[str, Any], overwrite: bool) -> None:
     validate(metrics)
     check_writable(path, overwrite)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     if os.path.exists(path):
         os.replace(path, f"{path}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(metrics, f, indent=2)
-    os.replace(tmp, path)
+    write_text(path, json.dumps(metrics, indent=2))

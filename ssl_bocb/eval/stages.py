@@ -16,6 +16,7 @@ from ..errors import UserError
 from .features import cached_features, load_eval_backbone, resolve_checkpoint, weights_digest
 from .knn import knn_classify, resolve_backend
 from .linear import default_base_lr, linear_probe_full, train_linear_cached
+from ..optim.schedules import scaled_lr
 from .metrics import check_writable, result_path, write_metrics
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ def run_linprobe(cfg) -> Dict:
     s = EvalSession(cfg, "linprobe")
     lc = cfg.linear
     base_lr = lc.base_lr if lc.base_lr is not None else default_base_lr(s.family)
-    protocol = dict(to_dict(lc), base_lr=base_lr, lr=base_lr * lc.batch_size / 256, head="Linear, N(0, 0.01) init",
+    protocol = dict(to_dict(lc), base_lr=base_lr, lr=scaled_lr(base_lr, lc.batch_size, "linear"), head="Linear, N(0, 0.01) init",
                     optimizer="SGD", schedule="cosine per epoch, no warmup", train_subset=cfg.data.subset,
                     test_subset=cfg.test_subset)
     if lc.mode == "cached":

@@ -19,6 +19,7 @@ import safetensors.torch
 from torch import nn
 
 from ..errors import UserError
+from ..files import atomic_path, read_json, write_text
 from .backbones import create_from_spec
 
 
@@ -29,11 +30,9 @@ def export_backbone(backbone: nn.Module, out_dir: str, extra: dict = None) -> Tu
     weights = os.path.join(out_dir, "backbone.safetensors")
     meta = os.path.join(out_dir, "backbone.json")
     state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
-    safetensors.torch.save_file(state, weights + ".tmp", metadata={"timm_name": spec["timm_name"]})
-    os.replace(weights + ".tmp", weights)
-    with open(meta + ".tmp", "w") as f:
-        json.dump(spec, f, indent=2)
-    os.replace(meta + ".tmp", meta)
+    with atomic_path(weights) as tmp:
+        safetensors.torch.save_file(state, tmp, metadata={"timm_name": spec["timm_name"]})
+    write_text(meta, json.dumps(spec, indent=2))
     return weights, meta
 
 
@@ -41,8 +40,7 @@ def read_spec(weights_path: str) -> dict:
     meta = os.path.join(os.path.dirname(weights_path), "backbone.json")
     if not os.path.isfile(meta):
         raise UserError(f"'{meta}' is missing beside '{weights_path}'; it records the timm model to rebuild")
-    with open(meta) as f:
-        return json.load(f)
+    return read_json(meta, "backbone description", fix="export the backbone again")
 
 
 def load_backbone(path: str) -> nn.Module:

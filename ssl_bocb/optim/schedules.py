@@ -30,3 +30,14 @@ def set_group_values(optimizer, lr: float, weight_decay: float) -> None:
     for g in optimizer.param_groups:
         g["lr"] = lr * g.get("lr_scale", 1.0)
         g["weight_decay"] = weight_decay * g.get("wd_scale", 1.0)
+
+
+def scaled_lr(base_lr: float, global_batch: int, rule: str) -> float:
+    """The peak lr from the base lr (per 256 images) and the global batch: ``linear`` base_lr * batch / 256 (Goyal
+    et al. 2017), ``sqrt`` base_lr * sqrt(batch / 256), ``none`` base_lr. The package's one lr-scaling rule:
+    pretraining, fine-tuning and the linear probe (always linear) read it."""
+    if rule == "linear":
+        return base_lr * global_batch / 256
+    if rule == "sqrt":
+        return base_lr * math.sqrt(global_batch / 256)
+    return base_lr

@@ -11,6 +11,7 @@ from typing import Dict, List
 
 from .. import config
 from ..errors import UserError
+from ..files import write_text
 from .plan import Cell, Plan
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,5 @@ def random_init(plan: Plan) -> Dict[str, float]:
     if plan.results:
         paths.append(os.path.join(os.path.dirname(plan.results), "random_init.json"))
     for p in paths:
-        os.makedirs(os.path.dirname(p), exist_ok=True)
-        with open(p, "w") as f:
-            json.dump(out, f, indent=2)
+        write_text(p, json.dumps(out, indent=2))
     return out

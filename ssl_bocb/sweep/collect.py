@@ -15,6 +15,7 @@ import statistics
 from typing import Dict, List
 
 from ..analysis.plots import read_jsonl, read_summary
+from ..files import atomic_write, write_text
 from .plan import Plan
 from .runner import cell_status, result_file
 
@@ -185,12 +186,11 @@ def heatmap(plan: Plan, rows: List[Dict], out: str):
 
 
 def write_csv(path: str, rows: List[Dict], cols: List[str]) -> None:
-    with open(path + ".tmp", "w", newline="") as f:
+    with atomic_write(path, newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
         for r in rows:
             w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in cols})
-    os.replace(path + ".tmp", path)
 
 
 def write_committed(plan: Plan, rows: List[Dict], cols: List[str]) -> str:
@@ -216,11 +216,9 @@ def collect(plan: Plan) -> Dict[str, str]:
     if plan.results:
         paths["committed"] = write_committed(plan, rows, cols)
     paths["md"] = os.path.join(out, "results.md")
-    with open(paths["md"], "w") as f:
-        f.write(markdown(plan, rows, cols))
+    write_text(paths["md"], markdown(plan, rows, cols))
     paths["json"] = os.path.join(out, "results.json")
-    with open(paths["json"], "w") as f:
-        json.dump(rows, f, indent=2)
+    write_text(paths["json"], json.dumps(rows, indent=2))
     paths["tensorboard"] = hparams(plan, rows, out)
     png = heatmap(plan, rows, out)
     if png:

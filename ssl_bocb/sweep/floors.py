@@ -123,7 +123,7 @@ def paths(plan: Plan) -> List[str]:
 
 
 def write(plan: Plan, floors: Dict) -> None:
-    from ..engine.logs import write_json
+    from ..files import write_json
     for p in paths(plan):
         os.makedirs(os.path.dirname(p) or ".", exist_ok=True)
         write_json(p, floors)

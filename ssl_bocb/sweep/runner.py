@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Callable, Dict, List, Optional
 
 from ..engine import checkpoint as ckpt
-from ..engine.logs import write_json
+from ..files import write_json
 from ..errors import UserError
 from .plan import Cell, Plan, Resources, Stage
 

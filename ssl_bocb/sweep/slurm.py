@@ -13,7 +13,7 @@ from typing import Dict, List, Optional
 
 import submitit
 
-from ..engine.logs import write_json
+from ..files import write_json
 from ..errors import UserError
 from .plan import Plan, plan as make_plan
 from .runner import cell_status, run_cell
