@@ -5,7 +5,7 @@ import os
 from omegaconf import OmegaConf
 
 from . import config
-from .engine import pretrain
+from .tasks import pretrain
 from .eval.stages import run_knn, run_linprobe
 
 log = logging.getLogger(__name__)

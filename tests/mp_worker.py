@@ -60,7 +60,7 @@ def data_scenario(out, root, cache):
 
 def sophia_scenario(out, run_dir, noavg):
     from ssl_bocb.engine import loop as loop_mod
-    from ssl_bocb.engine import pretrain
+    from ssl_bocb.tasks import pretrain
     from ssl_bocb.optim import hessian
     if noavg:
         hessian.average_hessian_across_processes = lambda optimizer: None

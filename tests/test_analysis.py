@@ -14,7 +14,7 @@ from torch import nn
 from conftest import REPO, SHARED_DATA
 from ssl_bocb.analysis import bocb, spectral
 from ssl_bocb.analysis.sharpness import activation_fractions, hessian_top_eigenvalue, power_iteration
-from ssl_bocb.analysis.stability import dips, spikes
+from ssl_bocb.engine.stability import dips, spikes
 
 def analyze_cli(*args):
     """tools/analyze.py in this process: (exit code, stdout, stderr)."""
@@ -375,7 +375,7 @@ def test_sharpness_of_a_real_vit_run_is_reproducible(tmp_path):
     from conftest import TINY
     from ssl_bocb import config
     from ssl_bocb.analysis.sharpness import run_sharpness
-    from ssl_bocb.engine.pretrain import pretrain
+    from ssl_bocb.tasks.pretrain import pretrain
     out = pretrain(config.load(config.PretrainConfig, [], TINY + [
         f"output_dir={tmp_path / 'vit'}", "model.backbone=vit_tiny_patch16_224",
         "model.backbone_kwargs={img_size: 32, patch_size: 8, depth: 2}", "train.epochs=1", "train.stop_at_step=2",

@@ -8,9 +8,10 @@ import torch
 
 from conftest import TINY
 from ssl_bocb import config
-from ssl_bocb.engine import pretrain
+from ssl_bocb.tasks import pretrain
 from ssl_bocb.engine.setup import make_accelerator
-from ssl_bocb.engine.step import StepSettings, compute_gradients, moco_chunked_loss_fn, moco_loss_fn
+from ssl_bocb.engine.step import StepSettings, compute_gradients
+from ssl_bocb.tasks.pretrain import moco_chunked_loss_fn, moco_loss_fn
 from ssl_bocb.errors import UserError
 from ssl_bocb.losses import contrastive_loss
 from ssl_bocb.models import build_moco

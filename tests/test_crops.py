@@ -18,7 +18,7 @@ from ssl_bocb.data import cache as C
 from ssl_bocb.data.crops import CroppedViews, NormaliseViews, crop_pair, draft_scale, pil_colour
 from ssl_bocb.data.datasets import build_base
 from ssl_bocb.data.pipeline import dali_available, two_view_data
-from ssl_bocb.engine import pretrain
+from ssl_bocb.tasks import pretrain
 from ssl_bocb.errors import UserError
 
 

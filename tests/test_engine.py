@@ -12,7 +12,7 @@ import yaml
 
 from conftest import REPO, TINY, run_tool
 from ssl_bocb import config
-from ssl_bocb.engine import pretrain
+from ssl_bocb.tasks import pretrain
 from ssl_bocb.engine.checkpoint import list_checkpoints
 from ssl_bocb.errors import UserError
 

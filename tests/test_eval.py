@@ -8,9 +8,10 @@ from sklearn.neighbors import KNeighborsClassifier
 
 from conftest import TINY, run_tool
 from ssl_bocb import config
-from ssl_bocb.engine import make_accelerator, pretrain
+from ssl_bocb.engine import make_accelerator
+from ssl_bocb.tasks import pretrain
 from ssl_bocb.eval.features import weights_digest
-from ssl_bocb.eval.finetune import run_finetune
+from ssl_bocb.tasks.finetune import run_finetune
 from ssl_bocb.eval.knn import knn_classify, knn_vote, topk_faiss, topk_torch
 from ssl_bocb.eval.linear import linear_probe_full, train_linear_cached
 from ssl_bocb.eval.metrics import validate
@@ -178,7 +179,7 @@ def test_quickstart_tool_prints_both_rows(tmp_path):
 
 
 def test_finetune_trains_the_position_embedding_unless_told_not_to():
-    from ssl_bocb.eval.finetune import build_finetune_model
+    from ssl_bocb.tasks.finetune import build_finetune_model
     vit = FAKE + ["model.backbone=vit_tiny_patch16_224", "model.backbone_kwargs={img_size: 32, patch_size: 8}",
                   "model.pos_embed=sincos"]
     model, _ = build_finetune_model(config.load(E, [], vit), 4)
@@ -190,7 +191,7 @@ def test_finetune_trains_the_position_embedding_unless_told_not_to():
 def test_finetune_skips_a_non_finite_step_and_records_it(tmp_path, monkeypatch):
     """Fine-tuning runs in the same loop as pretraining: a NaN loss is skipped (it used to stop the run), counted in
     summary.json, and the EMA takes no update from it; steps.jsonl has per-layer gradient norms."""
-    from ssl_bocb.eval import finetune as ft_mod
+    from ssl_bocb.tasks import finetune as ft_mod
     original, calls = ft_mod.FinetuneTask.loss_fn, [0]
 
     def loss_fn(self, inputs):

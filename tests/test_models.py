@@ -143,7 +143,7 @@ VIT32 = ["model.backbone=vit_tiny_patch16_224", "model.backbone_kwargs.img_size=
 
 
 def test_momentum_zero_has_no_momentum_encoder_and_keys_are_stopped_projector_outputs():
-    from ssl_bocb.engine.step import moco_loss_fn
+    from ssl_bocb.tasks.pretrain import moco_loss_fn
 
     cfg = cfg_of(*VIT32, "moco.momentum=0")
     model = build_moco(cfg.model, momentum_encoder=cfg.moco.momentum > 0)

@@ -85,7 +85,7 @@ def test_channels_last_auto_is_for_convolutional_backbones_and_compile_is_opt_in
 
 def test_compile_with_a_hessian_optimizer_is_refused(tmp_path):
     from conftest import TINY
-    from ssl_bocb.engine import pretrain
+    from ssl_bocb.tasks import pretrain
     from ssl_bocb.errors import UserError
     cfg = config.load(config.PretrainConfig, [], TINY + [f"output_dir={tmp_path / 'r'}", "optim.name=sophia",
                                                           "train.compile=true"])

@@ -11,13 +11,13 @@ import torch
 
 from conftest import REPO, TINY
 from ssl_bocb import config
-from ssl_bocb.engine import pretrain
+from ssl_bocb.tasks import pretrain
 from ssl_bocb.engine import checkpoint as ckpt
 from ssl_bocb.engine.telemetry import GradNorms, RunEvents, layer_names
 from ssl_bocb.errors import UserError
 
 P = config.PretrainConfig
-PRETRAIN_MODULE = sys.modules["ssl_bocb.engine.pretrain"]
+PRETRAIN_MODULE = sys.modules["ssl_bocb.tasks.pretrain"]
 
 
 def run(out, *extra):
@@ -225,7 +225,7 @@ def rename(src, dst):
 c.os.rename = rename
 from conftest import TINY
 from ssl_bocb import config
-from ssl_bocb.engine import pretrain
+from ssl_bocb.tasks import pretrain
 pretrain(config.load(config.PretrainConfig, [], TINY + ["output_dir={out}", "train.save_every_steps=2",
                                                          "train.keep_checkpoints=0"]))
 """

@@ -8,7 +8,7 @@ import torch
 
 from conftest import TINY
 from ssl_bocb import config
-from ssl_bocb.engine import pretrain
+from ssl_bocb.tasks import pretrain
 
 P = config.PretrainConfig
 

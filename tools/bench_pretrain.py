@@ -223,57 +223,22 @@ def measure_project_data(cfg, n, device):
 
 
 def measure_project_step(cfg, n, device):
-    """The loop body of engine.pretrain on one fixed batch: same settings, guard, telemetry and host read."""
-    from ssl_bocb.data.pipeline import two_view_data
-    from ssl_bocb.device import use_channels_last, use_compile
-    from ssl_bocb.engine import make_accelerator
-    from ssl_bocb.engine.pretrain import check_query_chunks
-    from ssl_bocb.engine.step import (StepSettings, compute_gradients, guarded_step, moco_chunked_loss_fn,
-                                      moco_loss_fn)
-    from ssl_bocb.engine.telemetry import GradNorms
-    from ssl_bocb.models import build_moco
-    from ssl_bocb.optim import optimizer_from_cfg, resolve
+    """The training loop's own step (``TrainLoop.train_step``) on one fixed batch of the pretraining task: the same
+    inputs, schedules, momentum update, loss, guard, telemetry and host reads as a run."""
+    from ssl_bocb.engine import epoch_batches, make_accelerator
+    from ssl_bocb.engine.loop import TrainLoop
+    from ssl_bocb.tasks.pretrain import PretrainTask
     accelerator = make_accelerator(cfg.train, cfg.seed)
-    model = build_moco(cfg.model)
-    resolved = resolve(cfg.optim)
-    settings = StepSettings.from_cfg(cfg.optim, resolved.entry, cfg.train.mixed_precision, backbone=model.backbone)
-    cl = use_channels_last(cfg.train.channels_last, model.backbone, accelerator.device)
-    if cl:
-        model = model.to(memory_format=torch.channels_last)
-    if use_compile(cfg.train.compile, accelerator.device):
-        for part in model.children():
-            part.compile()
-    opt = optimizer_from_cfg(model, cfg.optim, resolved.base_lr, resolved)
-    model, opt = accelerator.prepare(model, opt)
-    unwrapped = accelerator.unwrap_model(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    norms = GradNorms(unwrapped, params)
-    data = two_view_data(cfg.data, cfg.seed)
-    batch = data.dataset.__getitems__(list(range(cfg.train.batch_size))) if data.kind == "batched" else \
-        torch.utils.data.default_collate([data.dataset[i] for i in range(cfg.train.batch_size)])
-    if data.kind == "batched":
-        (images, index), labels, bad = batch
-        batch = (images.to(accelerator.device), index), labels, bad
-    x1, x2, _ = data.views(batch, 0)
-    fmt = torch.channels_last if cl else torch.contiguous_format
-    x1, x2 = (x.to(accelerator.device).contiguous(memory_format=fmt) for x in (x1, x2))
-
-    chunks = check_query_chunks(cfg, cfg.train.batch_size)
-
-    def loss_fn():
-        if chunks > 1:  # train.query_chunks: every key first, then the queries chunk by chunk
-            return moco_chunked_loss_fn(model, unwrapped, accelerator, x1, x2, cfg.moco.temperature, chunks)
-        return moco_loss_fn(model, unwrapped, accelerator, x1, x2, cfg.moco.temperature)
-
-    def one():
-        unwrapped.update_momentum(cfg.moco.momentum)
-        loss, gvec = compute_gradients(model, opt, accelerator, params, loss_fn(), settings, norms)
-        values = torch.cat([loss.float().view(1), gvec.float()]).tolist()
-        guarded_step(opt, accelerator, values[0] == values[0], values[1] == values[1])
-    out = timed(one, n, cfg.train.batch_size, accelerator.device,
-                flops=lambda: count_flops(lambda: compute_gradients(model, opt, accelerator, params, loss_fn(),
-                                                                    settings, norms)))
-    out.update(precision=accelerator.mixed_precision, channels_last=cl, query_chunks=chunks)
+    with tempfile.TemporaryDirectory() as tmp:
+        task = PretrainTask(cfg, accelerator, tmp)
+        loop = TrainLoop(task, task.loop_settings())
+        batch = next(iter(epoch_batches(accelerator, task.loader, task.dataset, 0, 0)))
+        task.model.train()
+        loop.guard.start()
+        out = timed(lambda: loop.train_step(batch, 0), n, cfg.train.batch_size, accelerator.device,
+                    flops=lambda: count_flops(lambda: loop.train_step(batch, 0)))
+    out.update(precision=accelerator.mixed_precision, channels_last=task.channels_last,
+               query_chunks=task.query_chunks)
     return out
 
 

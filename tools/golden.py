@@ -143,8 +143,7 @@ def record(path):
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["SSL_BOCB_CACHE"] = os.path.join(tmp, "cache")
         from ssl_bocb import config
-        from ssl_bocb.engine import pretrain
-        from ssl_bocb.eval.finetune import run_finetune
+        from ssl_bocb.tasks import pretrain, run_finetune
         result = {}
         for name, args in PRETRAIN_RUNS.items():
             full = pretrain(config.load(config.PretrainConfig, [], args + [f"output_dir={tmp}/{name}-full"]))

@@ -50,7 +50,7 @@ def run_pretrain(out, overrides, sync_check_after=None):
     from ssl_bocb import config
     from ssl_bocb.engine import guard as guard_mod
     from ssl_bocb.engine import loop as loop_mod
-    from ssl_bocb.engine import pretrain
+    from ssl_bocb.tasks import pretrain
     cfg = config.load(config.PretrainConfig, [], overrides + [f"output_dir={out}"])
     if sync_check_after is None:
         return pretrain(cfg)

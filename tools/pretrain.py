@@ -11,7 +11,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ssl_bocb import config  # noqa: E402
 from ssl_bocb.cli import parse_args  # noqa: E402
-from ssl_bocb.engine import pretrain  # noqa: E402
+from ssl_bocb.tasks import pretrain  # noqa: E402
 from ssl_bocb.errors import cli_main  # noqa: E402
 
 

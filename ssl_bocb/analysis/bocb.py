@@ -114,8 +114,8 @@ def _val_points(rows: Iterable[Dict]) -> "OrderedDict[Pair, OrderedDict[Tuple[st
 
 
 def _choose_on_val(points: "OrderedDict[Tuple[str, str], Tuple[int, float]]") -> Tuple[Tuple[str, str], str]:
-    """The grid point with the best validation score and where it lies (select.choose: the sweep's own rule)."""
-    from ..sweep.select import choose
+    """The grid point with the best validation score and where it lies (choice.choose: the sweep's own rule)."""
+    from .choice import choose
     lrs = {p: float(p[0]) for p in points} if all(p[0] for p in points) else None
     if lrs is None or len(points) == 1:
         best = max(points, key=lambda p: points[p][1])

@@ -552,7 +552,7 @@ def analyze(source_path: str, out_dir: str, opts: Options = Options(), progress:
 
 def _floors(source_path: str) -> Optional[Dict]:
     """The floors.json beside a results table (tools/floors.py), or None."""
-    from ..sweep.floors import read
+    from .floors import read
     folder = source_path if os.path.isdir(source_path) else os.path.dirname(os.path.abspath(source_path))
     return read(os.path.join(folder, "floors.json"))
 

@@ -1,5 +1,4 @@
 from .loop import epoch_batches
-from .pretrain import pretrain
 from .setup import make_accelerator
 
-__all__ = ["epoch_batches", "make_accelerator", "pretrain"]
+__all__ = ["epoch_batches", "make_accelerator"]

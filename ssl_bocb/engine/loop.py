@@ -10,7 +10,7 @@ happens around an applied step (MoCo's momentum-encoder update; a fine-tune's EM
 (the kNN monitor; validation top-1). Outline of ``TrainLoop.run``:
 
     while step < stop:            one epoch: _epoch()
-        for batch:                one step: _step() -> guard outcomes -> _handle() each (events, logs, rollback)
+        for batch:                one step: train_step() -> guard outcomes -> _handle() each (events, logs, rollback)
         epoch end:                _end_epoch(): task.epoch_end(), log.jsonl, checkpoint
     _finish()                     summary.json status, the last checkpoint of a stopped job
 """
@@ -28,8 +28,8 @@ from ..files import write_json
 from ..optim import schedules
 from . import checkpoint as ckpt
 from . import logs
-from .guard import Outcome, make_guard
-from .step import StepSettings, compute_gradients, resolve_host_reads
+from .guard import APPLIED, ROLL_BACK, SKIPPED, Guard, Outcome, resolve_host_reads
+from .step import StepSettings, compute_gradients
 from .telemetry import GradNorms, RunEvents, strict_json
 
 log = logging.getLogger(__name__)
@@ -136,17 +136,16 @@ class TrainLoop:
         self.events = RunEvents(self.norms.names, st.spike_factor, st.spike_window, st.spike_min_history,
                                 st.dip_drop, monitor=task.dip_metric is not None,
                                 dip_metric=task.dip_metric or "knn_top1")
-        self.guard = make_guard(resolve_host_reads(ls.host_reads, self.acc), task.unwrapped, self.optimizer,
-                                self.acc, task.snapshot_modules())
-        self.step, self.streak, self.first_bad, self.last_applied = 0, 0, 0, True
+        self.guard = Guard(resolve_host_reads(ls.host_reads, self.acc), task.unwrapped, self.optimizer, self.acc,
+                           task.snapshot_modules(), st.nonfinite_patience)
+        self.step = 0
         if resume_meta is not None:
             self.step = resume_meta["step"]
             if "events" in resume_meta:
                 self.events.load(resume_meta["events"])
-                self.streak = resume_meta.get("nonfinite_streak", 0)
-                self.last_applied = resume_meta.get("last_step_applied", True)
-                self.first_bad = resume_meta.get("nonfinite_streak_start", resume_meta["step"] - self.streak + 1)
+            self.guard.load(resume_meta)
         self.sched: Dict[str, float] = {}
+        self.skipped = torch.zeros((), device=self.acc.device)
         self.tb = None
         self.progress = None
 
@@ -189,7 +188,8 @@ class TrainLoop:
         result = "done"
         try:
             for batch in batches:
-                outcomes = self._step(batch, epoch)
+                outcomes = self.train_step(batch, epoch)
+                self.progress.update(bs)
                 if outcomes is None:
                     continue
                 # any() stops at an outcome that rolled back: the ones after it belong to the undone steps
@@ -221,12 +221,15 @@ class TrainLoop:
         return (s % ls.log_every == 0 or s >= self.stop_at or s % self.steps_per_epoch == 0
                 or bool(ls.save_every_steps and s % ls.save_every_steps == 0))
 
-    def _step(self, batch, epoch: int) -> Optional[List[Outcome]]:
+    def train_step(self, batch, epoch: int) -> Optional[List[Outcome]]:
+        """One step of the loop on ``batch``: the task's inputs, the scheduled values, the task's hook before the
+        forward, forward / backward / clipping, the guard's optimizer step. Returns the guard's outcomes at a read
+        point, else None. The package's one training step (tools/bench_pretrain.py times this very function)."""
         t = self.task
         inputs, n_bad = t.prepare(batch, epoch)
         self.sched = sched = self.schedule(self.step)
         schedules.set_group_values(self.optimizer, sched["lr"], sched["wd"])
-        t.before_forward(self.step, sched, self.last_applied)
+        t.before_forward(self.step, sched, self.guard.last_applied)
         self.guard.before_step()
         loss, gvec = compute_gradients(t.model, self.optimizer, self.acc, self.params, t.loss_fn(inputs),
                                        t.step_settings, self.norms)
@@ -235,34 +238,24 @@ class TrainLoop:
         vec = torch.cat([loss.float().view(1), gvec.float()])
         self.step += 1
         self.skipped += n_bad.sum()
-        self.progress.update(self.ls.batch_size)
-        if self.guard.deferred:
-            self.last_applied = True
         return self.guard.submit(self.step, vec, sched, self._read_point(), t.after_applied)
 
     def _handle(self, o: Outcome, epoch: int) -> bool:
         """One step's outcome: events, counts and the step log; True when it rolled the run back."""
         loss_v, gn, layer_v = o.values[0], o.values[1], o.values[2:]
-        if o.status == "ignored":
-            return False
-        if o.status == "nonfinite":
-            self.streak += 1
-            self.first_bad = o.step if self.streak == 1 else self.first_bad
-            self.last_applied = self.guard.deferred  # a deferred window is restored to its start, EMA included
+        verdict = self.guard.judge(o)
+        if verdict in (SKIPPED, ROLL_BACK):
             self.events.nonfinite(o.step, loss_v, gn)
             log.warning("step %d: non-finite loss %s / gradient norm %s; step %s (%d in a row)", o.step, loss_v, gn,
-                        "undone" if self.guard.deferred else "skipped", self.streak)
-            if self.streak >= self.ls.stability.nonfinite_patience:
+                        "undone" if self.guard.deferred else "skipped", self.guard.streak)
+            if verdict == ROLL_BACK:
                 self._roll_back(o.step)
                 return True
             return False
         if o.status == "overflow":
             self.events.overflow()
-            self.last_applied = False
+        if verdict != APPLIED:  # overflow, undone or ignored: the state did not move, a streak goes on
             return False
-        if o.status == "undone":  # finite, but in a window that was undone: the state did not move, the streak goes on
-            return False
-        self.streak, self.last_applied = 0, True
         for ev in self.events.observe(o.step, loss_v, gn, layer_v):
             log.warning("step %d: %s", o.step, describe(ev))
         self.sums["loss"] += loss_v
@@ -315,8 +308,7 @@ class TrainLoop:
     def meta(self, epoch_done: bool) -> Dict:
         return dict(step=self.step, epoch=self.step // self.steps_per_epoch, epochs_done=epoch_done,
                     steps_per_epoch=self.steps_per_epoch, config=self.task.config, derived=self.task.derived,
-                    events=strict_json(self.events.state()), nonfinite_streak=self.streak,
-                    nonfinite_streak_start=self.first_bad, last_step_applied=self.last_applied)
+                    events=strict_json(self.events.state()), **self.guard.state())
 
     def write_summary(self, status: str, **extra) -> None:
         if self.acc.is_main_process:
@@ -326,9 +318,8 @@ class TrainLoop:
 
     def save(self, epoch_done: bool) -> str:
         # during a streak of non-finite steps the checkpoint a rollback would return to is kept from the rotation
-        protect = (ckpt.newest_sound_checkpoint(self.run_dir, before_step=self.first_bad) if self.streak else None)
         path = ckpt.save_checkpoint(self.acc, self.run_dir, self.meta(epoch_done), self.ls.keep_checkpoints,
-                                    extra=self.task.checkpoint_extra(), protect=protect)
+                                    extra=self.task.checkpoint_extra(), protect=self.guard.protected(self.run_dir))
         self.write_summary("running", checkpoint=os.path.basename(path))
         return path
 
@@ -339,34 +330,14 @@ class TrainLoop:
                 logs.truncate_jsonl(os.path.join(self.run_dir, f), step)
 
     def _roll_back(self, at_step: int) -> None:
-        """After ``streak`` non-finite steps in a row, the first at ``first_bad``: back to the newest sound
-        checkpoint written before them, with the lr lowered for the rest of the run; or stop with one line when the
-        rollbacks are spent or there is no such checkpoint."""
-        st, n = self.ls.stability, self.events.counts["rollbacks"]
-        if n >= st.max_rollbacks:
-            self.write_summary("diverged")
-            raise UserError(f"training diverged: {self.streak} non-finite steps in a row at step {at_step}, after {n} "
-                            f"rollbacks (lr x{self.events.lr_scale:g}); lower {self.ls.optim_key}.base_lr, set "
-                            f"{self.ls.optim_key}.grad_clip, or raise stability.max_rollbacks (checkpoints and summary.json are kept)")
-        good = ckpt.newest_sound_checkpoint(self.run_dir, before_step=self.first_bad)
-        if good is None:
-            self.write_summary("diverged")
-            later = ckpt.latest_checkpoint(self.run_dir)
-            where = ("before any checkpoint to roll back to" if later is None else
-                     f"and no sound checkpoint was written before the divergence began at step {self.first_bad} "
-                     f"(the newest, {os.path.basename(later)}, is from after it)")
-            raise UserError(f"training diverged: {self.streak} non-finite steps in a row at step {at_step}, {where}; "
-                            f"lower {self.ls.optim_key}.base_lr, set {self.ls.optim_key}.grad_clip, or checkpoint "
-                            f"more often so that a rollback has a checkpoint to return to")
-        back = ckpt.load_checkpoint(self.acc, good)
-        self.task.load_extra(good)
-        self.events.rollback(at_step, back["step"], os.path.basename(good), st.rollback_lr_factor)
-        log.warning("rolled back from step %d to %s after %d non-finite steps in a row; lr x%g from here on "
-                    "(rollback %d of at most %d)", at_step, good, self.streak, self.events.lr_scale, n + 1,
-                    st.max_rollbacks)
+        """The guard's rollback (``Guard.roll_back``), then the task's extra state, the logs and the step counter
+        back at the checkpoint's step."""
+        back = self.guard.roll_back(self.acc, self.run_dir, at_step, self.events, self.ls.stability,
+                                    self.ls.optim_key, lambda: self.write_summary("diverged"))
+        self.task.load_extra(back["path"])
         self._cut_logs(back["step"])
         self.write_summary("running")
-        self.step, self.streak, self.last_applied = back["step"], 0, back.get("last_step_applied", True)
+        self.step = back["step"]
 
     def _interrupted(self) -> None:
         if self.progress is not None:
@@ -399,11 +370,11 @@ class TrainLoop:
             log.info("instability: %s (summary.json)", ", ".join(f"{k} {v}" for k, v in c.items()))
         return status
 
-    def close(self) -> None:
-        """The curves figure, then every process done; call after the task's own end-of-run work."""
-        if self.acc.is_main_process:
-            from ..analysis.plots import training_curves
-            log.info("curves: %s", training_curves(self.run_dir))
+    def close(self, figure: Optional[Callable[[str], str]] = None) -> None:
+        """``figure(run_dir)`` on the main process (the task's curves PNG: the engine draws nothing itself), then
+        every process done; call after the task's own end-of-run work."""
+        if self.acc.is_main_process and figure is not None:
+            log.info("curves: %s", figure(self.run_dir))
         self.acc.wait_for_everyone()
         if self.tb is not None:
             self.tb.close()

@@ -1,18 +1,16 @@
 """One optimisation step, in small named pieces: the loss, Sophia's Hessian pass, SAM's second pass, clipping and
-the optimizer step. Pretraining and fine-tuning share it; each passes a closure that computes its loss."""
+the optimizer step. Pretraining and fine-tuning share it; each passes a closure that computes its loss (the tasks'
+own losses live with them, in ``ssl_bocb.tasks``)."""
 import contextlib
 import warnings
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .. import dist
 from ..errors import UserError
-from ..losses import contrastive_loss, contrastive_loss_rows
 from ..optim import clip_gradients, frozen_bn_stats, sam_perturb, sam_restore
 from ..optim.hessian import average_gradients_keeping_graph
 
@@ -45,59 +43,12 @@ class StepSettings:
                    entry.hessian, first)
 
 
-def moco_loss_fn(model, unwrapped, accelerator, x1, x2, temperature: float) -> Callable[[], torch.Tensor]:
-    """Closure of the symmetric MoCo v3 loss ctr(q1, k2) + ctr(q2, k1): encoders under autocast, the loss in
-    fp32. The keys come from the momentum encoder (without one, m = 0: the base encoder's projector outputs under
-    stop-gradient) on the first call and are reused after (SAM's second pass: the keys are not perturbed)."""
-    keys = []
-
-    def loss_fn():
-        with accelerator.autocast():
-            q1, q2, z1, z2 = model(x1, x2)
-            if not keys:
-                if unwrapped.has_momentum_encoder:
-                    keys.extend((unwrapped.forward_momentum(x1), unwrapped.forward_momentum(x2)))
-                else:
-                    keys.extend((z1.detach(), z2.detach()))
-        k1, k2 = keys
-        return contrastive_loss(q1, k2, temperature) + contrastive_loss(q2, k1, temperature)
-    return loss_fn
-
-
 class ChunkedLoss:
     """One step's loss as query chunks (``train.query_chunks``): ``chunks`` are closures, each returning its chunk's
     share of the full-batch loss (the shares add up to it); :func:`compute_gradients` runs backward after each."""
 
     def __init__(self, chunks: List[Callable[[], torch.Tensor]]):
         self.chunks = chunks
-
-
-def moco_chunked_loss_fn(model, unwrapped, accelerator, x1, x2, temperature: float, chunks: int) -> ChunkedLoss:
-    """The MoCo v3 loss of :func:`moco_loss_fn` with the queries in ``chunks`` chunks. On the first chunk every key of
-    the batch is computed (the momentum encoder, chunk by chunk, no gradient), normalised and gathered across the
-    processes once; each chunk then computes its queries and its rows of both directions against all keys."""
-    n = x1.shape[0]
-    bounds = [(i * n // chunks, (i + 1) * n // chunks) for i in range(chunks)]
-    keys = []
-    offset = n * dist.rank()
-
-    def all_keys():
-        if not keys:
-            with accelerator.autocast():
-                k1 = torch.cat([unwrapped.forward_momentum(x1[a:b]) for a, b in bounds])
-                k2 = torch.cat([unwrapped.forward_momentum(x2[a:b]) for a, b in bounds])
-            keys.extend(dist.gather_nograd(F.normalize(k.float(), dim=1)) for k in (k1, k2))
-        return keys
-
-    def chunk(a: int, b: int):
-        def loss_fn():
-            k1, k2 = all_keys()
-            with accelerator.autocast():
-                q1, q2, _, _ = model(x1[a:b], x2[a:b])
-            return (contrastive_loss_rows(q1, k2, temperature, offset + a, n)
-                    + contrastive_loss_rows(q2, k1, temperature, offset + a, n))
-        return loss_fn
-    return ChunkedLoss([chunk(a, b) for a, b in bounds])
 
 
 def hessian_due(optimizer, settings: StepSettings) -> bool:
@@ -160,34 +111,6 @@ def _chunked_gradients(model, optimizer, accelerator, params, chunks, settings: 
     grad_norm = clip_gradients(accelerator, optimizer, params, settings.clip_mode, settings.clip,
                                settings.first_layer, norms)
     return total, grad_norm
-
-
-def resolve_host_reads(requested: str, accelerator) -> str:
-    """``train.host_reads``: auto is "log" on GPUs (a host read per step stalls the device queue) and "step" elsewhere
-    (on a CPU it costs nothing); fp16's loss scaler decides per step, so it always reads per step."""
-    if accelerator.scaler is not None:
-        return "step"
-    if requested == "auto":
-        return "log" if accelerator.device.type == "cuda" else "step"
-    return requested
-
-
-def guarded_step(optimizer, accelerator, finite_loss: bool, finite_grads: bool) -> Optional[str]:
-    """The optimizer step of the non-finite guard; returns None (applied), "nonfinite" (skipped: the loss or a
-    gradient is not finite) or "overflow" (fp16: the loss scaler skipped the step and lowered its scale).
-
-    With an fp16 loss scaler the scaler sees every step, so that it can lower its scale: it skips the steps with
-    non-finite gradients itself; those with a finite loss are overflow skips, a non-finite loss is divergence."""
-    if accelerator.scaler is not None:
-        optimizer.step()
-        if not finite_loss:
-            return "nonfinite"
-        return "overflow" if accelerator.optimizer_step_was_skipped else None
-    if not (finite_loss and finite_grads):
-        optimizer.zero_grad(set_to_none=True)
-        return "nonfinite"
-    optimizer.step()
-    return None
 
 
 def sam_second_pass(model, optimizer, accelerator, params, loss_fn, settings: StepSettings) -> None:

@@ -8,7 +8,7 @@ gradient norms are computed on the device in one pass (one norm per tensor, summ
 whole telemetry adds no host read per parameter: the training loop reads one small vector per step (loss, global
 norm, layer norms), which is also what the non-finite guard decides on.
 
-Rules (``stability.*`` settings; the same as the BOCB report's, see :mod:`ssl_bocb.analysis.stability`):
+Rules (``stability.*`` settings; the same as the BOCB report's, see :mod:`ssl_bocb.engine.stability`):
 
 - gradient spike: a step whose global gradient norm exceeds ``spike_factor`` x the median of the previous
   ``spike_window`` steps' norms (at least ``spike_min_history`` of them); consecutive spiking steps are one event.
@@ -23,7 +23,6 @@ Rules (``stability.*`` settings; the same as the BOCB report's, see :mod:`ssl_bo
 """
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import re
@@ -33,8 +32,8 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from ..analysis.stability import DipDetector, SpikeDetector
 from ..files import strict
+from .stability import DipDetector, SpikeDetector
 
 log = logging.getLogger(__name__)
 
@@ -104,45 +103,6 @@ class GradNorms:
         sq = torch.stack([n.float() for n in norms]).square()
         per_layer = torch.zeros(len(self.names), device=device).index_add_(0, self._index, sq)
         return torch.cat([per_layer.sum().view(1), per_layer]).sqrt()
-
-
-class BufferSnapshot:
-    """A copy of a model's buffers (BatchNorm statistics) taken before each step, put back when the guard skips
-    the step: a forward that diverged must not leave its statistics behind. One copy kernel per step."""
-
-    def __init__(self, model: nn.Module):
-        self.buffers = [b for b in model.buffers()]
-        self.copies = [b.detach().clone() for b in self.buffers]
-
-    def save(self) -> None:
-        if self.buffers:
-            torch._foreach_copy_(self.copies, self.buffers)
-
-    def restore(self) -> None:
-        if self.buffers:
-            with torch.no_grad():
-                torch._foreach_copy_(self.buffers, self.copies)
-
-
-class StateSnapshot:
-    """A device copy of the whole training state (weights, momentum encoder, BatchNorm statistics, optimizer state)
-    for ``train.host_reads=log``: taken at each read point whose window was sound, put back when a window held a
-    non-finite step. Device-to-device copies only, once per window. ``extra_modules`` are copied with the model
-    (a fine-tune's EMA of the weights)."""
-
-    def __init__(self, model: nn.Module, optimizer, extra_modules=()):
-        self.modules = [model, *extra_modules]
-        self.optimizer = optimizer
-        self.weights = self.state = None
-
-    def take(self) -> None:
-        self.weights = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in self.modules]
-        self.state = copy.deepcopy(self.optimizer.state_dict())
-
-    def restore(self) -> None:
-        for m, w in zip(self.modules, self.weights):
-            m.load_state_dict(w)
-        self.optimizer.load_state_dict(copy.deepcopy(self.state))
 
 
 class RunEvents:

@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import statistics
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 from torch import nn
 
@@ -127,18 +127,3 @@ def write(plan: Plan, floors: Dict) -> None:
     for p in paths(plan):
         os.makedirs(os.path.dirname(p) or ".", exist_ok=True)
         write_json(p, floors)
-
-
-def read(path: str) -> Optional[Dict]:
-    """A floors.json, or None when there is none; a damaged one is one line."""
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"'{path}' is not a readable floors file ({e}); run tools/floors.py again") from None
-    if not isinstance(data, dict) or "pixels" not in data or "random_init" not in data:
-        raise UserError(f"'{path}' lacks 'pixels' / 'random_init'; run tools/floors.py again")
-    return data
-

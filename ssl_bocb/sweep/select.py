@@ -24,11 +24,13 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 from ..errors import UserError
 
-BRACKETED, LOW_END, HIGH_END, PENDING = "bracketed", "low end", "high end", "pending"
+from ..analysis.choice import BRACKETED, HIGH_END, LOW_END, choose  # noqa: F401  (the sweep's rule, also the report's)
+
+PENDING = "pending"
 
 
 @dataclass
@@ -66,17 +68,6 @@ def parse(spec, stages: Sequence[str], grid: Dict) -> Optional[Selection]:
     if not grid:
         raise UserError("select needs a grid to choose from")
     return sel
-
-
-def choose(points: Dict[float, float]) -> Tuple[float, str]:
-    """(the best point, where it lies: bracketed | low end | high end). A tie goes to the smaller value."""
-    if not points:
-        raise ValueError("choose needs at least one point")
-    xs = sorted(points)
-    best = max(xs, key=lambda x: (points[x], -x))
-    if len(xs) < 3:
-        return best, LOW_END if best == xs[0] else HIGH_END
-    return best, LOW_END if best == xs[0] else HIGH_END if best == xs[-1] else BRACKETED
 
 
 def next_point(xs: Sequence[float], where: str) -> float:

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from ..config import to_dict
 from ..data import build_dataset, eval_transform, norm_stats
 from ..data.pipeline import num_workers, worker_options
+from ..analysis.plots import training_curves
 from ..engine import checkpoint as ckpt
 from ..engine import logs
 from ..engine.loop import LoopSettings, Task, TrainLoop
@@ -31,13 +32,13 @@ from ..engine.setup import (log_optimizer, make_accelerator, open_run_folder, re
                             seed_process_streams)
 from ..engine.step import StepSettings
 from ..errors import UserError
+from ..eval.features import load_eval_backbone
+from ..eval.linear import evaluate
+from ..eval.metrics import check_writable, result_path, write_metrics
+from ..eval.stages import count_classes, output_folder
 from ..models.backbones import create_from_spec
-from ..optim.schedules import scaled_lr
 from ..optim import build_optimizer, group_summary, param_groups, record, resolve
-from .features import load_eval_backbone
-from .linear import evaluate
-from .metrics import check_writable, result_path, write_metrics
-from .stages import count_classes, output_folder
+from ..optim.schedules import scaled_lr
 
 log = logging.getLogger(__name__)
 
@@ -259,5 +260,5 @@ def run_finetune(cfg) -> Dict:
     if accelerator.is_main_process:
         write_metrics(metrics_path, metrics, overwrite=True)  # checked before training started
         log.info("wrote %s", metrics_path)
-    loop.close()
+    loop.close(training_curves)
     return metrics

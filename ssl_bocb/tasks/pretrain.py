@@ -2,33 +2,85 @@
 
 ``pretrain`` builds the pretraining task (two-view data, the MoCo model with its momentum encoder, the optimizer)
 and hands it to the one training loop (``engine.loop``); what is MoCo's own is here: the two views, the
-momentum schedule and the momentum encoder's update, the symmetric contrastive loss, the kNN monitor, the export.
+momentum schedule and the momentum encoder's update, the symmetric contrastive loss (whole or in query chunks),
+the kNN monitor (an epoch-end hook), the export.
 """
 import logging
 import os
-from typing import Dict
+from typing import Callable, Dict
 
 import torch
+import torch.nn.functional as F
 from accelerate.utils import set_seed
 from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader
 
 from .. import config as config_mod
+from .. import dist
 from ..data.pipeline import two_view_data
 from ..device import machine_name, use_channels_last, use_compile
+from ..analysis.plots import training_curves
+from ..engine import checkpoint as ckpt
+from ..engine import logs
+from ..engine.loop import LoopSettings, Task, TrainLoop, check_same_schedule
+from ..engine.setup import (log_optimizer, make_accelerator, open_run_folder, resolve_run_folder,
+                            seed_process_streams, shared_path)
+from ..engine.step import ChunkedLoss, StepSettings
 from ..errors import UserError
+from ..losses import contrastive_loss, contrastive_loss_rows
 from ..models import build_moco, export_backbone
 from ..optim import group_summary, optimizer_from_cfg, record, resolve
 from ..optim import schedules
-from . import checkpoint as ckpt
-from . import logs
-from .loop import LoopSettings, Task, TrainLoop, check_same_schedule
-from .setup import (log_optimizer, make_accelerator, open_run_folder, resolve_run_folder,  # noqa: F401
-                    seed_process_streams, shared_path)
-from .step import StepSettings, moco_chunked_loss_fn, moco_loss_fn
 
 log = logging.getLogger(__name__)
+
+
+def moco_loss_fn(model, unwrapped, accelerator, x1, x2, temperature: float) -> Callable[[], torch.Tensor]:
+    """Closure of the symmetric MoCo v3 loss ctr(q1, k2) + ctr(q2, k1): encoders under autocast, the loss in
+    fp32. The keys come from the momentum encoder (without one, m = 0: the base encoder's projector outputs under
+    stop-gradient) on the first call and are reused after (SAM's second pass: the keys are not perturbed)."""
+    keys = []
+
+    def loss_fn():
+        with accelerator.autocast():
+            q1, q2, z1, z2 = model(x1, x2)
+            if not keys:
+                if unwrapped.has_momentum_encoder:
+                    keys.extend((unwrapped.forward_momentum(x1), unwrapped.forward_momentum(x2)))
+                else:
+                    keys.extend((z1.detach(), z2.detach()))
+        k1, k2 = keys
+        return contrastive_loss(q1, k2, temperature) + contrastive_loss(q2, k1, temperature)
+    return loss_fn
+
+
+def moco_chunked_loss_fn(model, unwrapped, accelerator, x1, x2, temperature: float, chunks: int) -> ChunkedLoss:
+    """The MoCo v3 loss of :func:`moco_loss_fn` with the queries in ``chunks`` chunks. On the first chunk every key of
+    the batch is computed (the momentum encoder, chunk by chunk, no gradient), normalised and gathered across the
+    processes once; each chunk then computes its queries and its rows of both directions against all keys."""
+    n = x1.shape[0]
+    bounds = [(i * n // chunks, (i + 1) * n // chunks) for i in range(chunks)]
+    keys = []
+    offset = n * dist.rank()
+
+    def all_keys():
+        if not keys:
+            with accelerator.autocast():
+                k1 = torch.cat([unwrapped.forward_momentum(x1[a:b]) for a, b in bounds])
+                k2 = torch.cat([unwrapped.forward_momentum(x2[a:b]) for a, b in bounds])
+            keys.extend(dist.gather_nograd(F.normalize(k.float(), dim=1)) for k in (k1, k2))
+        return keys
+
+    def chunk(a: int, b: int):
+        def loss_fn():
+            k1, k2 = all_keys()
+            with accelerator.autocast():
+                q1, q2, _, _ = model(x1[a:b], x2[a:b])
+            return (contrastive_loss_rows(q1, k2, temperature, offset + a, n)
+                    + contrastive_loss_rows(q2, k1, temperature, offset + a, n))
+        return loss_fn
+    return ChunkedLoss([chunk(a, b) for a, b in bounds])
 
 
 def check_query_chunks(cfg, per_device: int) -> int:
@@ -242,7 +294,7 @@ def pretrain(cfg: DictConfig, name: str = "run") -> str:
     if status == "finished" and accelerator.is_main_process:
         export_backbone(task.unwrapped.backbone, folder.path, extra=dict(pretrain_step=loop.step))
         log.info("exported %s", os.path.join(folder.path, "backbone.safetensors"))
-    loop.close()
+    loop.close(training_curves)
     accelerator.end_training()
     log.info("run folder: %s", folder.path)
     return folder.path
