@@ -8,19 +8,9 @@
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout, when not installed
 
-from ssl_bocb import config  # noqa: E402
-from ssl_bocb.cli import parse_args  # noqa: E402
-from ssl_bocb.errors import cli_main  # noqa: E402
-from ssl_bocb.tasks import run_finetune  # noqa: E402
-
-
-@cli_main
-def main(argv=None):
-    files, overrides, _ = parse_args("Fine-tune a backbone on a labelled downstream dataset", argv)
-    run_finetune(config.load(config.EvalConfig, files, overrides))
-
+from ssl_bocb.cli.finetune import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

@@ -7,19 +7,9 @@
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout, when not installed
 
-from ssl_bocb import config  # noqa: E402
-from ssl_bocb.cli import parse_args  # noqa: E402
-from ssl_bocb.errors import cli_main  # noqa: E402
-from ssl_bocb.eval.stages import run_linprobe  # noqa: E402
-
-
-@cli_main
-def main(argv=None):
-    files, overrides, _ = parse_args("Linear-probe evaluation (MoCo v3 protocol; cached or full) of a pretrained or random-init backbone", argv)
-    run_linprobe(config.load(config.EvalConfig, files, overrides))
-
+from ssl_bocb.cli.linprobe import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

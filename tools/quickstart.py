@@ -8,21 +8,9 @@ backbone at random init, printed side by side.
 import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout, when not installed
 
-from ssl_bocb import config, quickstart  # noqa: E402
-from ssl_bocb.cli import parse_args  # noqa: E402
-from ssl_bocb.errors import cli_main  # noqa: E402
-
-
-@cli_main
-def main(argv=None):
-    files, overrides, name = parse_args("Quickstart: pretrain, then kNN and linear probe vs random init", argv)
-    files = files or [os.path.join(ROOT, "configs", "quickstart.yaml")]
-    name = name if name != "run" else "quickstart"
-    quickstart.run(config.load(config.PretrainConfig, files, overrides), name)
-
+from ssl_bocb.cli.quickstart import main  # noqa: E402
 
 if __name__ == "__main__":
     main()
