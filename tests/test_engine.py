@@ -51,6 +51,12 @@ def test_run_outputs(tmp_path):
     for f in ("config.yaml", "log.jsonl", "steps.jsonl", "backbone.safetensors", "backbone.json", "train.log"):
         assert os.path.isfile(os.path.join(out, f)), f
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(os.path.join(out, "tb")))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    ea = EventAccumulator(os.path.join(out, "tb"))
+    ea.Reload()
+    by_step, by_images = ea.Scalars("epoch/loss"), ea.Scalars("by_images/epoch/loss")
+    assert [e.step for e in by_step] == [4, 8] and [e.step for e in by_images] == [64, 128]  # 4 steps x 16 images
+    assert [e.value for e in by_step] == [e.value for e in by_images]
     rows = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     assert [r["epoch"] for r in rows] == [1, 2]
     assert {"loss", "lr", "wd", "momentum", "grad_norm", "images_per_s", "peak_mem_mb"} <= set(rows[0])

@@ -213,3 +213,17 @@ def test_train_step_is_the_loops_step(tmp_path):
     assert loop.step == 1 and o.status is None and math.isfinite(o.values[0])
     assert not torch.equal(w0, task.unwrapped.weight)
     assert [c[0] for c in task.calls] == ["prepare", "before_forward", "after_applied"]
+
+
+def test_a_task_that_breaks_the_contract_fails_in_one_line(tmp_path):
+    class NoLoss(Task):
+        def prepare(self, batch, epoch):
+            return batch, torch.zeros(1)
+    with pytest.raises(TypeError, match="abstract method.*loss_fn"):
+        NoLoss()
+    task = Recorder(accelerator(), str(tmp_path))
+    task.derived = None
+    with pytest.raises(TypeError, match=r"task Recorder does not set derived \(engine.loop.Task.REQUIRED\)"):
+        loop_for(task)
+    with pytest.raises(TypeError, match="SimpleNamespace is not an engine.loop.Task"):
+        TrainLoop(SimpleNamespace(), None)

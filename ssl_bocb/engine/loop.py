@@ -14,6 +14,7 @@ happens around an applied step (MoCo's momentum-encoder update; a fine-tune's EM
         epoch end:                _end_epoch(): task.epoch_end(), log.jsonl, checkpoint
     _finish()                     summary.json status, the last checkpoint of a stopped job
 """
+import abc
 import logging
 import os
 import time
@@ -77,20 +78,32 @@ class LoopSettings:
     resume_key: str = "resume"
 
 
-class Task:
-    """What a training task plugs into the loop. Set the attributes, override the hooks that apply."""
+class Task(abc.ABC):
+    """What a training task plugs into the loop (the contract, checked by :func:`check_task` when the loop is built).
+
+    It must set the attributes of ``REQUIRED`` and define the hooks ``prepare`` and ``loss_fn``; it may override the
+    others, whose defaults do nothing:
+
+    - ``extra_schedule(step, total)``: values scheduled besides lr and wd (MoCo's momentum), logged with them;
+    - ``before_forward(step, sched, previous_applied)``: before each forward, told whether the step before was
+      applied (MoCo updates its momentum encoder here: MoCo v3 Alg. 1 does the EMA first, then the keys);
+    - ``after_applied(step)``: right after an optimizer step is applied (a fine-tune's weight EMA);
+    - ``epoch_end(epoch, step)``: values for the epoch's log row (the kNN monitor, validation top-1);
+    - ``snapshot_modules()``, ``checkpoint_extra()``, ``load_extra(path)``: state besides the model and optimizer.
+    """
+    REQUIRED = ("model", "optimizer", "loader", "dataset", "accelerator", "unwrapped", "step_settings", "run_dir",
+                "config", "derived")
     model = optimizer = loader = dataset = accelerator = None
     unwrapped = None           # the model without its DDP / compile wrapper
-    telemetry_model = None     # the module whose layers the gradient telemetry names (default: unwrapped)
     step_settings: StepSettings = None
-    run_dir: str = ""
+    run_dir: str = None
     config: Dict = None        # the plain-dict config written into each checkpoint
     derived: Dict = None
     dip_metric: Optional[str] = None   # the epoch-end value watched for dips ("knn_top1"); None: none watched
 
+    @abc.abstractmethod
     def prepare(self, batch, epoch: int) -> Tuple[object, torch.Tensor]:
         """(what loss_fn needs, per-sample count of unreadable images replaced)."""
-        raise NotImplementedError
 
     def extra_schedule(self, step: int, total_steps: int) -> Dict[str, float]:
         return {}
@@ -98,8 +111,9 @@ class Task:
     def before_forward(self, step: int, sched: Dict[str, float], previous_applied: bool) -> None:
         pass
 
+    @abc.abstractmethod
     def loss_fn(self, inputs) -> Callable[[], torch.Tensor]:
-        raise NotImplementedError
+        """A closure computing the step's loss (engine.step calls it once, or twice with SAM)."""
 
     def after_applied(self, step: int) -> None:
         pass
@@ -122,8 +136,19 @@ class Task:
         """Restore what checkpoint_extra saved (a rollback reads it back)."""
 
 
+def check_task(task) -> None:
+    """A task that breaks the contract fails here, in one line naming what is missing."""
+    if not isinstance(task, Task):
+        raise TypeError(f"{type(task).__name__} is not an engine.loop.Task; subclass it")
+    missing = [a for a in Task.REQUIRED if getattr(task, a, None) is None]
+    if missing:
+        raise TypeError(f"task {type(task).__name__} does not set {', '.join(missing)} (engine.loop.Task.REQUIRED); "
+                        f"set them before building the TrainLoop")
+
+
 class TrainLoop:
     def __init__(self, task: Task, ls: LoopSettings, resume_meta: Optional[dict] = None):
+        check_task(task)
         self.task, self.ls = task, ls
         self.acc, self.optimizer, self.run_dir = task.accelerator, task.optimizer, task.run_dir
         self.world = self.acc.num_processes
@@ -131,7 +156,7 @@ class TrainLoop:
         self.total_steps = ls.epochs * self.steps_per_epoch
         self.stop_at = ls.stop_at_step or self.total_steps
         self.params = [p for p in task.model.parameters() if p.requires_grad]
-        self.norms = GradNorms(task.telemetry_model or task.unwrapped, self.params)
+        self.norms = GradNorms(task.unwrapped, self.params)
         st = ls.stability
         self.events = RunEvents(self.norms.names, st.spike_factor, st.spike_window, st.spike_min_history,
                                 st.dip_drop, monitor=task.dip_metric is not None,
@@ -275,7 +300,7 @@ class TrainLoop:
         self.t_log, self.last_logged = now, o.step
         if self.acc.is_main_process:
             logs.append_jsonl(os.path.join(self.run_dir, "steps.jsonl"), row)
-            self.tb.scalars("train", row, o.step)
+            self.tb.scalars("train", row, o.step, o.step * self.ls.batch_size)
 
     # --- epoch end, checkpoints, summary ---------------------------------------------------------------------------
     def _end_epoch(self, epoch: int, skip: int, sums: Dict, t_epoch: float) -> None:
@@ -301,7 +326,7 @@ class TrainLoop:
                  self.task.epoch_note(row))
         if self.acc.is_main_process:
             logs.append_jsonl(os.path.join(self.run_dir, "log.jsonl"), row)
-            self.tb.scalars("epoch", row, self.step)
+            self.tb.scalars("epoch", row, self.step, self.step * self.ls.batch_size)
         if (epoch + 1) % max(self.ls.save_every, 1) == 0 or epoch + 1 == self.ls.epochs:
             self.save(True)
 
@@ -398,7 +423,9 @@ def describe(ev: dict) -> str:
 
 
 class _TensorBoard:
-    """TensorBoard scalars written by the main process (torch.utils.tensorboard)."""
+    """TensorBoard scalars written by the main process (torch.utils.tensorboard): each value under
+    ``<prefix>/<key>`` against the step, and again under ``by_images/<prefix>/<key>`` against the number of images
+    seen (step x global batch), where runs with different batch sizes overlay."""
 
     def __init__(self, run_dir: str, enabled: bool):
         self.writer = None
@@ -406,12 +433,13 @@ class _TensorBoard:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(os.path.join(run_dir, "tb"))
 
-    def scalars(self, prefix: str, row: dict, step: int):
+    def scalars(self, prefix: str, row: dict, step: int, images: int):
         if self.writer is None:
             return
         for k, v in row.items():
             if k not in ("step", "epoch") and isinstance(v, (int, float)):
                 self.writer.add_scalar(f"{prefix}/{k}", v, step)
+                self.writer.add_scalar(f"by_images/{prefix}/{k}", v, images)
             elif isinstance(v, dict):  # per-layer values: one chart per layer under <prefix>/<key>/
                 for kk, vv in v.items():
                     self.writer.add_scalar(f"{prefix}/{k}/{kk}", vv, step)
