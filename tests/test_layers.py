@@ -101,3 +101,18 @@ def test_every_module_imports_alone():
         "sys.exit(1 if failed else 0)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr[-2000:]
+
+
+def test_no_function_is_longer_than_80_lines():
+    long = []
+    for root in ("ssl_bocb", "tools"):
+        for folder, _, files in os.walk(os.path.join(REPO, root)):
+            for f in files:
+                if f.endswith(".py"):
+                    path = os.path.join(folder, f)
+                    for node in ast.walk(ast.parse(open(path).read())):
+                        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                            n = node.end_lineno - node.lineno + 1
+                            if n > 80:
+                                long.append(f"{os.path.relpath(path, REPO)}:{node.lineno} {node.name} ({n} lines)")
+    assert not long, "split these functions:\n" + "\n".join(long)

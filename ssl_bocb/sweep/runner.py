@@ -188,30 +188,93 @@ class Stopped(Exception):
     """The runner was asked to stop (Ctrl-C, SIGTERM, a SLURM time limit)."""
 
 
-def run_cell(plan: Plan, cell: Cell, res: Resources, threads: int, gpus: Optional[List[int]] = None,
-             stop: Optional[threading.Event] = None, on_proc: Callable = lambda p: None,
-             wait_for_lock: bool = True) -> str:
-    """Run what is left of one cell; returns its final state: done | failed | interrupted."""
-    stop = stop or threading.Event()
-    lock = CellLock(cell)
+def _acquire(lock: "CellLock", cell: Cell, wait: bool, stop: threading.Event) -> bool:
+    """Take the cell's lock, waiting while another runner (or an orphaned subprocess of a killed one) holds it;
+    False when not waiting or stopped."""
     waited = False
-    while not lock.acquire():  # another runner (or an orphaned subprocess of a killed one) works on it
-        if not wait_for_lock or stop.is_set():
-            return "interrupted"
+    while not lock.acquire():
+        if not wait or stop.is_set():
+            return False
         if not waited:
             owner = open(lock.path).read().strip()
             log.info("cell %s is locked by %s (another runner, or a stage of a killed one still running); waiting",
                      cell.id, owner or "another process")
             waited = True
         time.sleep(POLL_S)
+    return True
+
+
+def _stage_env(threads: int, gpus: Optional[List[int]]) -> Dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               OPENBLAS_NUM_THREADS=str(threads), TQDM_MININTERVAL="10", PYTHONUNBUFFERED="1")
+    if gpus is not None:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
+    return env
+
+
+def _run_stage(plan: Plan, cell: Cell, stage: str, rec: Dict, res: Resources, env: Dict, lock: "CellLock",
+               stop: threading.Event, on_proc: Callable) -> Optional[str]:
+    """One stage of a cell as a subprocess, recorded before it starts and after it ends; returns None when it is
+    done, else the cell's final state (interrupted | failed)."""
+    old = rec["stages"].get(stage, {})
+    stale = stage != "pretrain" and old.get("hash") not in (None, stage_hash(cell, stage))
+    if stale and stage == "finetune" and os.path.isdir(os.path.join(cell.folder, "finetune")):
+        os.rename(os.path.join(cell.folder, "finetune"),
+                  os.path.join(cell.folder, f"finetune.old-{time.strftime('%Y%m%d-%H%M%S')}"))
+    stale = stale or os.path.exists(result_file(cell, stage))
+    latest = ckpt.latest_checkpoint(cell.folder) if stage == "pretrain" else None
+    attempt = dict(stage=stage, started=time.strftime("%Y-%m-%dT%H:%M:%S"), host=socket.gethostname(),
+                   from_step=ckpt.read_meta(latest)["step"] if latest else 0)
+    rec["stages"][stage] = dict(old, status="running", hash=stage_hash(cell, stage))
+    rec["attempts"].append(attempt)  # recorded before it starts: a runner killed now still counts it
+    rec.update(status="running", error="")
+    write_record(cell, rec)
+    log_path = os.path.join(cell.folder, "logs", f"{stage}.log")
+    cmd = stage_command(plan, cell, stage, res, stale, _free_port())
+    t0 = time.time()
+    with open(log_path, "a") as out:
+        out.write(f"\n$ {' '.join(cmd)}\n")
+        out.flush()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                pass_fds=(lock.fd,) if lock.fd is not None else ())
+        on_proc(proc)
+        try:
+            rc = proc.wait()
+        finally:
+            on_proc(None)
+    seconds = time.time() - t0
+    attempt.update(seconds=round(seconds, 2), rc=rc)
+    srec = rec["stages"][stage]
+    srec["seconds"] = round(srec.get("seconds", 0.0) + seconds, 2)
+    if rc == 0 and os.path.isfile(result_file(cell, stage)):
+        srec["status"] = "done"
+        write_record(cell, rec)
+        return None
+    if rc in SIGNAL_CODES or stop.is_set():
+        srec["status"] = "interrupted"
+        rec.update(status="interrupted", error=f"{stage} stopped by a signal (exit code {rc})")
+        write_record(cell, rec)
+        return "interrupted"
+    line = error_line(log_path) if rc else f"{stage} exited without writing {result_file(cell, stage)}"
+    srec["status"] = "failed"
+    rec.update(status="failed", error=f"{stage}: {line}", failed_stage=stage)
+    write_record(cell, rec)
+    return "failed"
+
+
+def run_cell(plan: Plan, cell: Cell, res: Resources, threads: int, gpus: Optional[List[int]] = None,
+             stop: Optional[threading.Event] = None, on_proc: Callable = lambda p: None,
+             wait_for_lock: bool = True) -> str:
+    """Run what is left of one cell; returns its final state: done | failed | interrupted."""
+    stop = stop or threading.Event()
+    lock = CellLock(cell)
+    if not _acquire(lock, cell, wait_for_lock, stop):
+        return "interrupted"
     try:
         rec = read_record(cell)
         rec.setdefault("stages", {})
         rec.setdefault("attempts", [])
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-                   OPENBLAS_NUM_THREADS=str(threads), TQDM_MININTERVAL="10", PYTHONUNBUFFERED="1")
-        if gpus is not None:
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
+        env = _stage_env(threads, gpus)
         os.makedirs(os.path.join(cell.folder, "logs"), exist_ok=True)
         left = pending_stages(cell, rec)
         for stage, srec in rec["stages"].items():  # finished by a runner that was killed before recording it
@@ -220,50 +283,9 @@ def run_cell(plan: Plan, cell: Cell, res: Resources, threads: int, gpus: Optiona
         for stage in left:
             if stop.is_set():
                 raise Stopped()
-            old = rec["stages"].get(stage, {})
-            stale = stage != "pretrain" and old.get("hash") not in (None, stage_hash(cell, stage))
-            if stale and stage == "finetune" and os.path.isdir(os.path.join(cell.folder, "finetune")):
-                os.rename(os.path.join(cell.folder, "finetune"),
-                          os.path.join(cell.folder, f"finetune.old-{time.strftime('%Y%m%d-%H%M%S')}"))
-            stale = stale or os.path.exists(result_file(cell, stage))
-            latest = ckpt.latest_checkpoint(cell.folder) if stage == "pretrain" else None
-            attempt = dict(stage=stage, started=time.strftime("%Y-%m-%dT%H:%M:%S"), host=socket.gethostname(),
-                           from_step=ckpt.read_meta(latest)["step"] if latest else 0)
-            rec["stages"][stage] = dict(old, status="running", hash=stage_hash(cell, stage))
-            rec["attempts"].append(attempt)  # recorded before it starts: a runner killed now still counts it
-            rec.update(status="running", error="")
-            write_record(cell, rec)
-            log_path = os.path.join(cell.folder, "logs", f"{stage}.log")
-            cmd = stage_command(plan, cell, stage, res, stale, _free_port())
-            t0 = time.time()
-            with open(log_path, "a") as out:
-                out.write(f"\n$ {' '.join(cmd)}\n")
-                out.flush()
-                proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                        pass_fds=(lock.fd,) if lock.fd is not None else ())
-                on_proc(proc)
-                try:
-                    rc = proc.wait()
-                finally:
-                    on_proc(None)
-            seconds = time.time() - t0
-            attempt.update(seconds=round(seconds, 2), rc=rc)
-            srec = rec["stages"][stage]
-            srec["seconds"] = round(srec.get("seconds", 0.0) + seconds, 2)
-            if rc == 0 and os.path.isfile(result_file(cell, stage)):
-                srec["status"] = "done"
-                write_record(cell, rec)
-                continue
-            if rc in SIGNAL_CODES or stop.is_set():
-                srec["status"] = "interrupted"
-                rec.update(status="interrupted", error=f"{stage} stopped by a signal (exit code {rc})")
-                write_record(cell, rec)
-                return "interrupted"
-            line = error_line(log_path) if rc else f"{stage} exited without writing {result_file(cell, stage)}"
-            srec["status"] = "failed"
-            rec.update(status="failed", error=f"{stage}: {line}", failed_stage=stage)
-            write_record(cell, rec)
-            return "failed"
+            state = _run_stage(plan, cell, stage, rec, res, env, lock, stop, on_proc)
+            if state is not None:
+                return state
         rec.update(status="done", error="")
         write_record(cell, rec)
         return "done"
@@ -291,6 +313,21 @@ def gpu_slots(res: Resources, parallel: int) -> List[Optional[List[int]]]:
     return [ids[i * res.gpus:(i + 1) * res.gpus] for i in range(min(n, parallel))]
 
 
+def _todo(cells: List[Cell], retry_failed: bool):
+    """({state: [cell ids]} of the cells not to run, [the cells to run])."""
+    outcome: Dict[str, List[str]] = {"done": [], "failed": [], "interrupted": [], "skipped": []}
+    todo = []
+    for cell in cells:
+        st = cell_status(cell)
+        if st["state"] == "done":
+            outcome["done"].append(cell.id)
+        elif st["state"] == "failed" and not retry_failed:
+            outcome["skipped"].append(cell.id)
+        else:
+            todo.append(cell)
+    return outcome, todo
+
+
 def run_local(plan: Plan, parallel: Optional[int] = None, retry_failed: bool = False,
               cells: Optional[List[Cell]] = None, progress: bool = True,
               on_done: Optional[Callable[[Cell], None]] = None) -> Dict[str, List[str]]:
@@ -308,16 +345,7 @@ def run_local(plan: Plan, parallel: Optional[int] = None, retry_failed: bool = F
         log.warning("%d cells x %d processes x %d threads oversubscribe the %d cores; expect each cell to run "
                     "several times slower (lower resources.parallel or resources.threads)", parallel,
                     res.processes, threads, cores)
-    outcome: Dict[str, List[str]] = {"done": [], "failed": [], "interrupted": [], "skipped": []}
-    todo = []
-    for cell in cells:
-        st = cell_status(cell)
-        if st["state"] == "done":
-            outcome["done"].append(cell.id)
-        elif st["state"] == "failed" and not retry_failed:
-            outcome["skipped"].append(cell.id)
-        else:
-            todo.append(cell)
+    outcome, todo = _todo(cells, retry_failed)
     log.info("sweep %s: %d cells, %d done, %d to run, %d failed before (skipped; --retry-failed runs them); "
              "%d at a time, %d thread(s) each", plan.name, len(cells), len(outcome["done"]), len(todo),
              len(outcome["skipped"]), parallel, threads)
