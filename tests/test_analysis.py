@@ -448,3 +448,21 @@ def test_hp_sensitivity_gives_each_pairs_scores_over_its_grid_and_their_spread()
     assert adamw.points[1] == ("0.00015", "0.05", 35.0, 2)
     assert adamw.spread == pytest.approx(2.0) and lamb.spread == pytest.approx(6.0)
     assert adamw.span == pytest.approx(9.0) and lamb.span == pytest.approx(9.0)
+
+
+def test_report_html_comes_from_the_template_with_text_escaped(tmp_path):
+    from ssl_bocb.analysis.document import Doc
+    fig = tmp_path / "f.png"
+    fig.write_bytes(b"\x89PNG fake")
+    doc = Doc()
+    doc.h(2, "a <b> & 'c'")
+    doc.p("**bold** and `x<y`")
+    doc.table(["pair", "top-1"], [["vit / sgd", 40.123], ["r18 | lars", None]])
+    doc.img(str(fig), "caption 'q'")
+    page = doc.html("title <t>")
+    assert page.startswith("<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>title &lt;t&gt;</title>")
+    assert "<h2>a &lt;b&gt; &amp; &#x27;c&#x27;</h2>" in page
+    assert "<p><b>bold</b> and <code>x&lt;y</code></p>" in page
+    assert "<tr><td>vit / sgd</td><td>40.12</td></tr><tr><td>r18 / lars</td><td>-</td></tr>" in page
+    assert "data-file='f.png' src='data:image/png;base64,iVBORyBmYWtl'" in page
+    assert page.endswith("</figure>\n</body></html>\n")
