@@ -16,6 +16,17 @@ TINY = ["data.name=fake", "data.num_workers=0", "model.hidden_dim=64", "model.ou
         "train.epochs=2", "train.warmup_epochs=1", "train.log_every=1", "optim.base_lr=1e-3"]
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked gpu need a CUDA device: without one they are reported as skipped, with the reason."""
+    import torch
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (none here): run the suite on a GPU host")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("SSL_BOCB_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))

@@ -64,7 +64,7 @@ def sophia_scenario(out, run_dir, noavg):
     from ssl_bocb.optim import hessian
     if noavg:
         hessian.average_hessian_across_processes = lambda optimizer: None
-    digests, step = [], loop_mod.TrainLoop._step
+    digests, step = [], loop_mod.TrainLoop.train_step
 
     def recorded(self, batch, epoch):
         outcome = step(self, batch, epoch)
@@ -73,7 +73,7 @@ def sophia_scenario(out, run_dir, noavg):
             h.update(p.detach().cpu().numpy().tobytes())
         digests.append(h.hexdigest())
         return outcome
-    loop_mod.TrainLoop._step = recorded
+    loop_mod.TrainLoop.train_step = recorded
     optim = os.environ.get("MP_OPTIM", "optim.name=sophia;optim.kwargs={update_period: 2}")  # another to compare
     cfg = config.load(config.PretrainConfig, [], [
         "data.name=fake", "data.num_workers=0", "model.hidden_dim=64", "model.out_dim=32", "train.batch_size=16",

@@ -191,6 +191,7 @@ def _ww_details(model):
 
 @pytest.mark.parametrize("name,kwargs", [("resnet18", {}),
                                          ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=3))])
+@pytest.mark.slow
 def test_alpha_and_matrix_entropy_match_weightwatcher(name, kwargs):
     import timm
     torch.manual_seed(0)

@@ -80,6 +80,7 @@ def losses(run_dir):
     return {r["step"]: r["loss"] for r in rows}
 
 
+@pytest.mark.slow
 def test_a_chunked_run_follows_the_full_batch_run_and_resumes_exactly(tmp_path):
     """Without BN, SGD: K = 4 logs the K = 1 losses and ends at its weights to round-off; with drop-path (drawn per
     chunk) a run stopped mid-epoch and resumed repeats the uninterrupted chunked run exactly."""
@@ -114,6 +115,8 @@ def test_settings_chunks_cannot_serve_are_refused(tmp_path, extra, message):
     assert not os.path.exists(tmp_path / "x")
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_two_processes_chunk_their_queries_against_the_gathered_keys(tmp_path):
     """Under DDP the keys are gathered once and the gradient all-reduced after the last chunk: two processes with
     K = 2 log the losses of two processes with K = 1 (no BN)."""

@@ -164,6 +164,7 @@ def test_auto_picks_crops_for_large_images_without_keying_every_file(tmp_path, m
                                "data.pipeline=batched"), 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pipeline", ["crops", "dali"])
 def test_large_image_paths_resume_exactly(tmp_path, pipeline):
     if pipeline == "dali" and not dali_available():

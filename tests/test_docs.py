@@ -2,6 +2,8 @@
 import os
 import re
 
+import pytest
+
 from conftest import REPO
 from ssl_bocb import config
 
@@ -37,6 +39,7 @@ def test_every_eval_key_is_in_the_readme():
     assert "`finetune.optim.*`" in text and "`finetune.stability.*`" in text
 
 
+@pytest.mark.slow
 def test_readme_holds_the_optimizer_table_as_the_tool_prints_it():
     import subprocess
     import sys

@@ -1,5 +1,6 @@
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -32,6 +33,7 @@ def digest(path):
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
+@pytest.mark.slow
 def test_interrupted_then_resumed_run_reproduces_losses(tmp_path):
     extra = ["data.num_workers=2", "model.backbone_kwargs={drop_path_rate: 0.2}", "train.save_every_steps=3"]
     full = run(tmp_path / "full", *extra)
@@ -46,6 +48,7 @@ def test_interrupted_then_resumed_run_reproduces_losses(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_run_outputs(tmp_path):
     out = run(tmp_path / "r", "data.pipeline=pil")  # the other tests' fake data takes the batched path
     for f in ("config.yaml", "log.jsonl", "steps.jsonl", "backbone.safetensors", "backbone.json", "train.log"):
@@ -72,6 +75,7 @@ def test_run_outputs(tmp_path):
     assert len(list_checkpoints(out)) >= 1
 
 
+@pytest.mark.slow
 def test_existing_run_is_never_overwritten_unless_asked(tmp_path):
     out = run(tmp_path / "r")
     before = digest(os.path.join(out, "backbone.safetensors"))
@@ -108,6 +112,7 @@ def test_bf16_mixed_precision_runs_on_cpu(tmp_path, caplog):
     assert yaml.safe_load(open(os.path.join(out, "config.yaml")))["derived"]["mixed_precision"] == "bf16"
 
 
+@pytest.mark.slow
 def test_vit_pretraining_with_frozen_patch_projection(tmp_path):
     out = run(tmp_path / "vit", "model.backbone=vit_tiny_patch16_224", "model.backbone_kwargs={img_size: 32, patch_size: 8}",
               "model.frozen_patch_embed=true", "train.epochs=1")
@@ -125,6 +130,7 @@ def test_vit_pretraining_with_frozen_patch_projection(tmp_path):
     (["data.name=cifar10", "data.root=/nonexistent/data"], "cifar10 train data not found"),
     (["--config", "/nonexistent.yaml"], "does not exist"),
 ])
+@pytest.mark.slow
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, args, message):
     proc = run_tool("pretrain", *TINY, f"output_dir={tmp_path / 'o'}", *args)
     assert proc.returncode == 2, proc.stderr
@@ -141,6 +147,8 @@ def _launch2(*args):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_two_process_run_with_accelerate_launch(tmp_path, caplog):
     proc = _launch2(f"output_dir={tmp_path / 'ddp'}", "train.stop_at_step=5")  # stopped in epoch 2 of 2
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -157,6 +165,7 @@ def test_two_process_run_with_accelerate_launch(tmp_path, caplog):
     assert "error: train.batch_size=15 does not divide by the 2 processes" in bad.stderr
 
 
+@pytest.mark.slow
 def test_real_cifar10_smoke_loss_goes_down(tmp_path, shared_data):
     out = pretrain(config.load(P, [], [
         "data.name=cifar10", f"data.root={shared_data}", "data.subset=50", "data.num_workers=1",
@@ -168,6 +177,7 @@ def test_real_cifar10_smoke_loss_goes_down(tmp_path, shared_data):
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.05, [r["loss"] for r in rows]
 
 
+@pytest.mark.slow
 def test_sam_with_agc_resumes_exactly_and_records_the_optimizer(tmp_path):
     import yaml
     extra = ["optim.name=nadam", "optim.betas=[0.8,0.95]", "optim.sam.rho=0.05", "optim.grad_clip_mode=agc",
@@ -193,6 +203,7 @@ def test_sophia_estimates_the_hessian_on_a_vit(tmp_path):
     assert moments and sum(float(m.abs().sum()) for m in moments) > 0   # the Hutchinson pass ran (step 0)
 
 
+@pytest.mark.slow
 def test_resume_auto_restarts_a_run_killed_before_its_first_checkpoint(tmp_path):
     # what a run leaves when it is killed before its first checkpoint: its config, logs and a half-written one
     out = tmp_path / "killed"
@@ -227,3 +238,14 @@ def test_momentum_zero_and_first_layer_clipping_pretrain(tmp_path):
     assert not any(k.startswith("momentum_") for k in state)
     log = open(os.path.join(out, "train.log")).read()
     assert "no momentum encoder" in log and "the first layer only (2 tensors)" in log
+
+
+@pytest.mark.gpu
+def test_pretraining_runs_on_the_gpu_accelerate_picks(tmp_path):
+    out = run(tmp_path / "gpu", "train.mixed_precision=auto")
+    derived = yaml.safe_load(open(os.path.join(out, "config.yaml")))["derived"]
+    assert derived["machine"] == torch.cuda.get_device_name(0)
+    assert derived["mixed_precision"] in ("bf16", "fp16")
+    rows = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    assert all(math.isfinite(r["loss"]) for r in rows) and rows[-1]["peak_mem_mb"] > 0
+

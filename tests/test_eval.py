@@ -92,6 +92,7 @@ def test_full_linear_probe_leaves_backbone_unchanged():
     assert 0.0 <= res["top1"] <= 100.0
 
 
+@pytest.mark.slow
 def test_knn_and_linprobe_tools_write_valid_metrics_and_reuse_features(pretrained, tmp_path):
     cfg = config.load(E, [], FAKE + [f"checkpoint={pretrained}"])
     m = run_knn(cfg)
@@ -114,11 +115,13 @@ def test_knn_and_linprobe_tools_write_valid_metrics_and_reuse_features(pretraine
 def test_eval_reads_checkpoint_folders(pretrained, tmp_path):
     from ssl_bocb.engine.checkpoint import latest_checkpoint
     ck = latest_checkpoint(pretrained)
-    m = run_knn(config.load(E, [], FAKE + [f"checkpoint={ck}", f"output_dir={tmp_path}"]))
-    exported = json.load(open(os.path.join(pretrained, "knn_metrics.json")))
+    m = run_knn(config.load(E, [], FAKE + [f"checkpoint={ck}", f"output_dir={tmp_path / 'ckpt'}"]))
+    exported = run_knn(config.load(E, [], FAKE + [f"checkpoint={pretrained}", f"output_dir={tmp_path / 'export'}"]))
+    assert m["init"] == exported["init"] == "pretrained" and m["checkpoint"] != exported["checkpoint"]
     assert m["top1"] == exported["top1"]  # the final checkpoint holds the exported backbone
 
 
+@pytest.mark.slow
 def test_existing_result_is_not_overwritten_and_bad_checkpoint_exits_2(pretrained, tmp_path):
     proc = run_tool("knn", *FAKE, f"checkpoint={pretrained}")
     if not os.path.exists(os.path.join(pretrained, "knn_metrics.json")):
@@ -134,6 +137,7 @@ def test_online_knn_monitor_is_logged(pretrained):
     assert os.path.isfile(os.path.join(pretrained, "curves.png"))
 
 
+@pytest.mark.slow
 def test_finetune_on_tiny_data_beats_chance(tmp_path):
     cfg = config.load(E, [], FAKE + [f"output_dir={tmp_path / 'ft'}", "data.fake_per_class=24", "finetune.epochs=6",
                                      "finetune.batch_size=16", "finetune.warmup_epochs=1", "finetune.mixup_prob=0",
@@ -147,6 +151,7 @@ def test_finetune_on_tiny_data_beats_chance(tmp_path):
     assert os.path.isfile(tmp_path / "ft" / "finetune_metrics.json")
 
 
+@pytest.mark.slow
 def test_finetune_resume_and_vit_layer_decay(tmp_path):
     base = FAKE + [f"output_dir={tmp_path / 'vit'}", "model.backbone=vit_tiny_patch16_224",
                    "model.backbone_kwargs={img_size: 32, patch_size: 8}", "finetune.batch_size=16",
@@ -171,6 +176,7 @@ def test_metrics_schema_rejects_broken_files():
         validate({k: v for k, v in good.items() if k != "seconds"})
 
 
+@pytest.mark.slow
 def test_quickstart_tool_prints_both_rows(tmp_path):
     proc = run_tool("quickstart", *TINY, f"output_dir={tmp_path / 'q'}", "train.epochs=1")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -188,6 +194,7 @@ def test_finetune_trains_the_position_embedding_unless_told_not_to():
     assert not model.pos_embed.requires_grad and model.head.out_features == 4
 
 
+@pytest.mark.slow
 def test_finetune_skips_a_non_finite_step_and_records_it(tmp_path, monkeypatch):
     """Fine-tuning runs in the same loop as pretraining: a NaN loss is skipped (it used to stop the run), counted in
     summary.json, and the EMA takes no update from it; steps.jsonl has per-layer gradient norms."""

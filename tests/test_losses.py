@@ -66,6 +66,7 @@ def _worker(rank, world, init_file, out_dir):
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.multiprocess
 def test_two_processes_equal_one_process_on_same_global_batch(tmp_path):
     init_file = str(tmp_path / "init")
     mp.spawn(_worker, args=(2, init_file, str(tmp_path)), nprocs=2, join=True)

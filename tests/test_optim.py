@@ -55,6 +55,7 @@ def test_table_holds_the_20_bocb_optimizers_by_family_and_the_newer_ones():
     assert TABLE["adam"].weight_decay_kind == "L2" and TABLE["adamw"].weight_decay_kind == "decoupled"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(TABLE))
 def test_every_entry_lowers_a_simple_loss(name):
     model, x, y = regression()

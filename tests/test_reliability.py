@@ -66,6 +66,7 @@ def _state(path, name):
     return torch.load(os.path.join(path, name), weights_only=True)
 
 
+@pytest.mark.slow
 def test_a_non_finite_step_is_skipped_counted_and_changes_no_weight(tmp_path, nan_at, full):
     nan_at({3})
     out = run(tmp_path / "nan", "train.stop_at_step=3")
@@ -88,6 +89,7 @@ def test_a_non_finite_step_is_skipped_counted_and_changes_no_weight(tmp_path, na
     assert summary(out)["status"] == "finished" and summary(out)["events"]["nonfinite_steps"] == 1
 
 
+@pytest.mark.slow
 def test_non_finite_steps_in_a_row_roll_back_once_with_a_lower_lr(tmp_path, nan_at, full):
     nan_at({5, 6, 7})  # steps 5-7 of 8: after the 3rd in a row, back to the checkpoint of step 4
     out = run(tmp_path / "rb", "train.save_every_steps=2", "stability.nonfinite_patience=3",
@@ -104,6 +106,7 @@ def test_non_finite_steps_in_a_row_roll_back_once_with_a_lower_lr(tmp_path, nan_
     assert os.path.isfile(os.path.join(out, "backbone.safetensors"))
 
 
+@pytest.mark.slow
 def test_host_reads_at_log_steps_undo_a_window_with_a_non_finite_step(tmp_path, nan_at, full):
     """train.host_reads=log (auto on GPUs): no read per step; the window 3-4 holding the NaN step 3 is undone from
     the device copy taken after step 2, exactly."""
@@ -123,6 +126,7 @@ def test_host_reads_at_log_steps_undo_a_window_with_a_non_finite_step(tmp_path, 
     assert rows(out)[0]["loss"] == full_loss[2]  # the same computation as reading every step
 
 
+@pytest.mark.slow
 def test_host_reads_at_log_steps_still_roll_back_after_the_patience(tmp_path, nan_at):
     """Steps 5 and 7 are non-finite from a sound state (6 and 8 ran on the poisoned update of 5 / 7 and are not
     counted): two in a row, the patience, so back to the checkpoint before step 5."""
@@ -135,6 +139,7 @@ def test_host_reads_at_log_steps_still_roll_back_after_the_patience(tmp_path, na
     assert [r["step"] for r in rows(out)] == [2, 4, 6, 8]
 
 
+@pytest.mark.slow
 def test_divergence_after_the_last_rollback_stops_with_one_line(tmp_path, nan_at):
     nan_at(set(range(3, 100)))
     with pytest.raises(UserError, match=r"training diverged: 2 non-finite steps in a row at step \d+, after 1 "
@@ -231,6 +236,7 @@ pretrain(config.load(config.PretrainConfig, [], TINY + ["output_dir={out}", "tra
 """
 
 
+@pytest.mark.slow
 def test_kill_9_during_a_checkpoint_write_resumes_from_the_previous_one(tmp_path, full):
     out = tmp_path / "killed"
     proc = subprocess.run([sys.executable, "-c", KILLER.format(repo=REPO, out=out)], capture_output=True, text=True,
@@ -245,6 +251,7 @@ def test_kill_9_during_a_checkpoint_write_resumes_from_the_previous_one(tmp_path
     assert not os.path.exists(out / "checkpoints" / "step-00000006.tmp")
 
 
+@pytest.mark.slow
 def test_a_truncated_newest_checkpoint_is_skipped_for_the_one_before(tmp_path, caplog, full):
     out = tmp_path / "part"
     run(out, "train.save_every_steps=2", "train.keep_checkpoints=0", "train.stop_at_step=6")
@@ -277,6 +284,7 @@ class _Payload:
         return (open, (self.marker, "w"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("victim", ["random_states_0.pkl", "optimizer.bin"])
 def test_a_checkpoint_file_whose_unpickling_runs_code_is_refused(tmp_path, victim):
     out = run(tmp_path / "run", "train.stop_at_step=2")
@@ -376,6 +384,7 @@ def diverge_after(monkeypatch):
     return install
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("host_reads", ["step", "log"])
 def test_a_state_dependent_divergence_rolls_back_the_same_way_in_both_host_read_modes(tmp_path, diverge_after,
                                                                                          host_reads):
@@ -397,6 +406,7 @@ def test_a_state_dependent_divergence_rolls_back_the_same_way_in_both_host_read_
     assert os.path.isdir(out / "checkpoints" / "step-00000008")
 
 
+@pytest.mark.slow
 def test_an_interrupt_in_log_mode_checks_the_pending_steps_before_saving(tmp_path, nan_at, full, monkeypatch):
     """Ctrl-C during step 7 with steps 5 (NaN) and 6 pending since the read point at 4: the window is judged and
     undone before the checkpoint is written, so the checkpoint at step 6 holds the sound state after step 4."""
@@ -421,6 +431,7 @@ def test_an_interrupt_in_log_mode_checks_the_pending_steps_before_saving(tmp_pat
     assert s["status"] == "interrupted" and s["events"]["nonfinite_steps"] == 1
 
 
+@pytest.mark.slow
 def test_the_momentum_encoder_moves_again_after_a_skipped_step(tmp_path, nan_at):
     nan_at({3})
     out = run(tmp_path / "m", "train.stop_at_step=5", "train.save_every_steps=4", "train.keep_checkpoints=0")

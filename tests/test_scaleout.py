@@ -23,7 +23,7 @@ HOST_SIDE = (os.sep + os.path.join("torch", "utils", "data") + os.sep, os.path.j
 
 class ReadSpy:
     """Wraps the Tensor methods that copy a value to the host and records each call made outside the read points
-    while a step runs (between the loop's ``_step`` entry and exit)."""
+    while a step runs (between the loop's ``train_step`` entry and exit)."""
     METHODS = ("item", "tolist", "__bool__", "nonzero", "numpy", "__int__", "__float__")
 
     def __init__(self, monkeypatch):
@@ -47,7 +47,7 @@ class ReadSpy:
         while f is not None:
             frames.append((os.path.basename(f.f_code.co_filename), f.f_code.co_name, f.f_lineno, f.f_code.co_filename))
             f = f.f_back
-        if not any(fn == "_step" and base == "loop.py" for base, fn, _, _ in frames):
+        if not any(fn == "train_step" and base == "loop.py" for base, fn, _, _ in frames):
             return  # not inside a training step
         if any((base, fn) in READ_POINTS for base, fn, _, _ in frames):
             return
@@ -60,6 +60,7 @@ class ReadSpy:
     ["model.backbone=vit_tiny_patch16_224", "model.backbone_kwargs={img_size: 32, patch_size: 8, depth: 2}"],
     ["optim.sam.rho=0.05", "optim.grad_clip=1.0"],
 ], ids=["vit-batched-views", "sam-clip"])
+@pytest.mark.slow
 def test_log_mode_reads_the_host_only_at_read_points(tmp_path, monkeypatch, extra):
     spy = ReadSpy(monkeypatch)
     out = pretrain(config.load(P, [], TINY + [f"output_dir={tmp_path / 'r'}", "train.host_reads=log",
@@ -71,7 +72,7 @@ def test_log_mode_reads_the_host_only_at_read_points(tmp_path, monkeypatch, extr
 def test_the_spy_catches_a_read_in_a_step(tmp_path, monkeypatch):
     """The check above can fail: an .item() added to the loss is caught."""
     spy = ReadSpy(monkeypatch)
-    from ssl_bocb.engine import step as step_mod
+    step_mod = sys.modules["ssl_bocb.tasks.pretrain"]  # the module (ssl_bocb.tasks.pretrain names the function)
     original = step_mod.contrastive_loss
 
     def loss_with_a_read(*args, **kwargs):
@@ -134,6 +135,8 @@ def _archive(root):
         tar.add(tree, arcname="imagenette")
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 @pytest.mark.parametrize("n", [2, 4])
 def test_cold_cache_start_on_several_processes(tmp_path, n):
     """The archive is unpacked and each split decoded once (by the node's main process), the others wait and
@@ -158,6 +161,8 @@ def test_cold_cache_start_on_several_processes(tmp_path, n):
     assert os.path.isfile(tmp_path / "out" / "knn" / "knn_metrics.json")
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_sophia_replicas_stay_identical_under_ddp(tmp_path):
     """Sophia's Hessian estimate averaged over the processes keeps the two replicas' weights bit-identical at every
     step; without the averaging (each process its own estimate and probes) they drift apart."""
@@ -169,6 +174,8 @@ def test_sophia_replicas_stay_identical_under_ddp(tmp_path):
     assert a["digests"][-1] != b["digests"][-1]
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_two_process_resume_continues_every_process_stream(tmp_path):
     """Drop-path draws from each process's own stream; a two-process run stopped mid-epoch and resumed on two
     processes logs the same losses and ends with the same weights as the uninterrupted run."""

@@ -98,6 +98,7 @@ def test_pixel_floor_is_the_knn_of_normalised_flattened_pixels():
     assert F.normalize(xs, dim=1).shape[1] == 3 * 32 * 32
 
 
+@pytest.mark.slow
 def test_floors_tool_writes_both_floors_for_each_split(tmp_path):
     from conftest import run_tool
     path = write_sweep(tmp_path, name="f", overrides=BASE + ["data.holdout_per_class=4"],
@@ -195,6 +196,7 @@ def test_grid_keys_can_name_a_backbone_and_an_optimizer(tmp_path):
     assert lrs == {"vit": ["0.1", "0.3"], "vit2": ["1", "3", "9"]}
 
 
+@pytest.mark.slow
 def test_results_carry_base_lr_machine_precision_and_relative_folders(tmp_path):
     from ssl_bocb.sweep import collect, run_local
     path = write_sweep(tmp_path, name="r", axes={"optimizer": {"key": "optim.name", "values": ["sgd"]}},

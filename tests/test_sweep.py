@@ -119,6 +119,7 @@ def finished(tmp_path_factory):
     return path, proc
 
 
+@pytest.mark.slow
 def test_run_finishes_every_cell_and_collects(finished):
     path, proc = finished
     p = plan(path)
@@ -147,6 +148,7 @@ def test_run_finishes_every_cell_and_collects(finished):
         assert "hparam/knn_top1" in ea.Tags()["scalars"] and ea.PluginTagToContent("hparams")
 
 
+@pytest.mark.slow
 def test_finished_cells_are_never_run_again(finished):
     path, _ = finished
     before = {c.id: read_record(c)["attempts"] for c in plan(path).cells}
@@ -158,6 +160,7 @@ def test_finished_cells_are_never_run_again(finished):
     assert status.returncode == 0 and "2 cells: 2 done" in status.stdout
 
 
+@pytest.mark.slow
 def test_a_changed_stage_config_reruns_only_that_stage(finished, tmp_path):
     path, _ = finished
     doc = yaml.safe_load(open(path))
@@ -175,6 +178,7 @@ def test_a_changed_stage_config_reruns_only_that_stage(finished, tmp_path):
     assert any(f.startswith("knn_metrics.json.old-") for f in os.listdir(cell.folder))  # the old result kept
 
 
+@pytest.mark.slow
 def test_a_failing_cell_is_recorded_and_the_others_finish(tmp_path):
     # 2 images per class with batch 16 fails at run time (fewer images than one batch), not at plan time
     path = write_sweep(tmp_path, axes={"data": {"tiny": ["data.fake_per_class=2"], "ok": []}}, stages={})
@@ -206,6 +210,7 @@ def _steps(cell):
         return [json.loads(line)["step"] for line in f]
 
 
+@pytest.mark.slow
 def test_killed_runner_and_killed_cell_finish_with_each_cell_run_once(tmp_path):
     # 3 cells, 24 steps each with a checkpoint every step: long enough to be caught mid-run
     path = write_sweep(tmp_path, overrides=BASE + ["train.epochs=6", "train.save_every_steps=1"],
@@ -255,6 +260,7 @@ def test_killed_runner_and_killed_cell_finish_with_each_cell_run_once(tmp_path):
 
 # --- SLURM through submitit ------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_submit_with_submitits_local_executor(tmp_path):
     path = write_sweep(tmp_path, axes={"optimizer": {"key": "optim.name", "values": ["sgd"]}})
     proc = sweep_cli("submit", path, "--cluster", "local", "--wait")
@@ -280,6 +286,7 @@ def test_cell_job_checkpoint_stops_the_stage_and_requeues_the_same_cell(tmp_path
     assert isinstance(delayed.function, CellJob) and delayed.function.sweep_path == job.sweep_path
 
 
+@pytest.mark.slow
 def test_collect_and_report_read_the_fine_tunes_stability(tmp_path):
     """A cell with a fine-tune stage: its summary.json (the same training loop as pretraining) gives the finetune_*
     event columns of results.csv and the report's fine-tuning stability table."""
@@ -316,6 +323,7 @@ def test_plan_resolves_recipe_paths_from_another_folder(tmp_path):
 
 @pytest.mark.parametrize("name", sorted(f for f in os.listdir(os.path.join(REPO, "configs", "sweeps"))
                                   if f.endswith(".yaml")))
+@pytest.mark.slow
 def test_shipped_sweeps_plan_and_their_committed_rows_stay_done(name):
     """Every sweep file in configs/sweeps plans, and every row of its committed results table is still one of its
     cells with the same stage hashes: an edit to a recipe or a sweep file that would make a new checkout rerun a
@@ -332,6 +340,7 @@ def test_shipped_sweeps_plan_and_their_committed_rows_stay_done(name):
     assert all(cell_status(ids[f"{r['cell']}-{r['hash']}"])["state"] == "done" for r in rows)
 
 
+@pytest.mark.slow
 def test_a_committed_results_table_counts_as_done_on_a_new_machine(tmp_path, monkeypatch):
     """With `results:`, run writes each finished cell's row to a table kept in the repository; a fresh checkout (no
     cell folders) plans those cells as done and does not run them again, and collect keeps their rows."""
@@ -369,6 +378,7 @@ def test_a_committed_results_table_counts_as_done_on_a_new_machine(tmp_path, mon
     assert plan(changed).cells[0].committed is None
 
 
+@pytest.mark.slow
 def test_baselines_read_each_backbone_variant_at_random_init_as_the_knn_stage(tmp_path):
     path = write_sweep(tmp_path, name="b", axes={"optimizer": {"key": "optim.name", "values": ["sgd", "adamw"]},
                                                  "frozen-patch": {"off": ["model.frozen_patch_embed=false"],

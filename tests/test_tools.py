@@ -2,9 +2,12 @@
 import json
 import os
 
+import pytest
+
 from conftest import TINY, run_tool
 
 
+@pytest.mark.slow
 def test_optimizers_tool_lists_every_entry_with_its_family():
     out = run_tool("optimizers")
     assert out.returncode == 0, out.stderr
@@ -14,6 +17,7 @@ def test_optimizers_tool_lists_every_entry_with_its_family():
     assert len(rows) == 25 and sum(r["family"] in "abcd" for r in rows) == 20
 
 
+@pytest.mark.slow
 def test_bench_optim_measures_state_memory_per_parameter(tmp_path):
     out = run_tool("bench_optim", "--models", "resnet18", "--optimizers", "sgd", "adamw", "adafactor", "--steps", "2",
                    "--warmup", "1", "--batch", "2", "--out", str(tmp_path / "b"))
@@ -27,6 +31,7 @@ def test_bench_optim_measures_state_memory_per_parameter(tmp_path):
     assert "| resnet18 (11.2 M) | AdamW | b |" in open(tmp_path / "b.md").read()
 
 
+@pytest.mark.slow
 def test_optim_check_runs_each_optimizer_once_and_tabulates(tmp_path):
     args = ["--config", "configs/quickstart.yaml", "--optimizers", "adamw", "lars", "--out", str(tmp_path / "c"),
             *TINY, "monitor.knn_every=1", "monitor.knn_train_per_class=8", "monitor.knn_test_per_class=4"]
