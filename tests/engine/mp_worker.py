@@ -1,4 +1,4 @@
-"""Run by tests/test_scaleout.py under `accelerate launch --multi_gpu --num_processes N` (gloo on CPU processes).
+"""Run by tests/engine/test_scaleout.py under `accelerate launch --multi_gpu --num_processes N` (gloo on CPU processes).
 Each process writes what it saw to <out>/rank<i>.json.
 
     data <out> <data.root> <cache>   cold-cache start from an archive (unpacks and decodes counted), the random
@@ -12,7 +12,7 @@ import os
 import sys
 import tarfile
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 
 import torch  # noqa: E402

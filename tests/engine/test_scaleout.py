@@ -112,7 +112,7 @@ def _launch(n, *args, timeout=600):
     from conftest import REPO
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           os.path.join(REPO, "tests", "mp_worker.py"), *map(str, args)]
+           os.path.join(REPO, "tests", "engine", "mp_worker.py"), *map(str, args)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
