@@ -89,7 +89,9 @@ class Task(abc.ABC):
       applied (MoCo updates its momentum encoder here: MoCo v3 Alg. 1 does the EMA first, then the keys);
     - ``after_applied(step)``: right after an optimizer step is applied (a fine-tune's weight EMA);
     - ``epoch_end(epoch, step)``: values for the epoch's log row (the kNN monitor, validation top-1);
-    - ``snapshot_modules()``, ``checkpoint_extra()``, ``load_extra(path)``: state besides the model and optimizer.
+    - ``snapshot_modules()``, ``checkpoint_extra()``, ``load_extra(path)``: state besides the model and optimizer;
+    - for ``engine.run.run_task``: ``loop_settings()`` (required there), ``resume(path, meta)``, ``log_setup(folder,
+      loop)`` and ``finish(status, loop, seconds)`` (the run's result: an export, a metrics file).
     """
     REQUIRED = ("model", "optimizer", "loader", "dataset", "accelerator", "unwrapped", "step_settings", "run_dir",
                 "config", "derived")
@@ -134,6 +136,21 @@ class Task(abc.ABC):
 
     def load_extra(self, path: str) -> None:
         """Restore what checkpoint_extra saved (a rollback reads it back)."""
+
+    def loop_settings(self) -> "LoopSettings":
+        raise TypeError(f"task {type(self).__name__} defines no loop_settings(); run_task needs it")
+
+    def resume(self, path: str, meta: dict) -> None:
+        """Check that the checkpoint fits this run, then load it."""
+        from . import checkpoint as ckpt
+        ckpt.load_checkpoint(self.accelerator, path)
+
+    def log_setup(self, folder, loop: "TrainLoop") -> None:
+        """Log lines describing the run, once the loop is built."""
+
+    def finish(self, status: str, loop: "TrainLoop", seconds: float):
+        """The run's result, after the last step (main-process work such as an export goes here)."""
+        return status
 
 
 def check_task(task) -> None:

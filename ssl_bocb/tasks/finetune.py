@@ -8,7 +8,6 @@ validation top-1, steps.jsonl, summary.json, TensorBoard, checkpoints and exact 
 """
 import logging
 import os
-import time
 from typing import Dict
 
 import timm
@@ -28,8 +27,8 @@ from ..analysis.plots import training_curves
 from ..engine import checkpoint as ckpt
 from ..engine import logs
 from ..engine.loop import LoopSettings, Task, TrainLoop
-from ..engine.setup import (log_optimizer, make_accelerator, open_run_folder, resolve_run_folder,
-                            seed_process_streams)
+from ..engine.run import RunSpec, run_task
+from ..engine.setup import log_optimizer, seed_process_streams
 from ..engine.step import StepSettings
 from ..errors import UserError
 from ..eval.features import load_eval_backbone
@@ -211,6 +210,27 @@ class FinetuneTask(Task):
                             f"trained with")
         self.ema.load_state_dict(state)
 
+    def log_setup(self, folder, loop: TrainLoop) -> None:
+        cfg, ls = self.cfg, loop.ls
+        log.info("fine-tune %s (%s) on %s: %d classes, %d train / %d test images", self.info["backbone"],
+                 self.info["init"], cfg.data.name, self.derived["num_classes"], len(self.dataset),
+                 self.derived["test_images"])
+        log_optimizer(self.resolved, self.lr, cfg.finetune.batch_size, ls.weight_decay, ls.weight_decay_end,
+                      self.optimizer_record, self.groups, self.step_settings)
+        log.info("%d epochs (%d warmup steps), layer decay %s", cfg.finetune.epochs, ls.warmup_steps,
+                 cfg.finetune.layer_decay if self.family == "vit" else "off (CNN)")
+        if folder.resuming:
+            log.info("resumed from %s at step %d", folder.resume_path, loop.step)
+
+    def finish(self, status: str, loop: TrainLoop, seconds: float) -> Dict:
+        """The metrics of the last epoch, written to finetune_metrics.json (its path was checked before training)."""
+        metrics = self.metrics(seconds)
+        path = result_path(self.run_dir, "finetune")
+        if self.accelerator.is_main_process:
+            write_metrics(path, metrics, overwrite=True)
+            log.info("wrote %s", path)
+        return metrics
+
     def metrics(self, seconds: float) -> Dict:
         cfg, fc = self.cfg, self.cfg.finetune
         history = logs.read_jsonl(os.path.join(self.run_dir, "log.jsonl"))
@@ -231,34 +251,15 @@ class FinetuneTask(Task):
 def run_finetune(cfg) -> Dict:
     """Fine-tune (or resume fine-tuning) the evaluated backbone; returns the metrics written to
     <output>/finetune_metrics.json."""
-    t0 = time.time()
     out_dir = finetune_folder(cfg)
-    metrics_path = result_path(out_dir, "finetune")
-    folder = resolve_run_folder(cfg.finetune.resume, out_dir, out_dir, cfg.overwrite, resume_key="finetune.resume")
-    if not folder.resuming:
-        check_writable(metrics_path, cfg.overwrite)
-    accelerator = make_accelerator(cfg, seed=cfg.seed, precision_key="mixed_precision")
-    logs.setup_logging(accelerator.is_main_process)
-    set_seed(cfg.seed)
-    task = FinetuneTask(cfg, accelerator, out_dir)
-    if folder.resuming:  # before anything is written: a checkpoint that does not fit fails cleanly
-        task.resume(folder.resume_path, folder.meta)
-    open_run_folder(accelerator, folder, cfg, task.derived)
-    loop = TrainLoop(task, task.loop_settings(), folder.meta)
-    log.info("fine-tune %s (%s) on %s: %d classes, %d train / %d test images", task.info["backbone"],
-             task.info["init"], cfg.data.name, task.derived["num_classes"], len(task.dataset),
-             task.derived["test_images"])
-    ls = loop.ls
-    log_optimizer(task.resolved, task.lr, cfg.finetune.batch_size, ls.weight_decay, ls.weight_decay_end,
-                  task.optimizer_record, task.groups, task.step_settings)
-    log.info("%d epochs (%d warmup steps), layer decay %s", cfg.finetune.epochs, ls.warmup_steps,
-             cfg.finetune.layer_decay if task.family == "vit" else "off (CNN)")
-    if folder.resuming:
-        log.info("resumed from %s at step %d", folder.resume_path, loop.step)
-    loop.run()
-    metrics = task.metrics(time.time() - t0)
-    if accelerator.is_main_process:
-        write_metrics(metrics_path, metrics, overwrite=True)  # checked before training started
-        log.info("wrote %s", metrics_path)
-    loop.close(training_curves)
-    return metrics
+
+    def writable(folder) -> None:
+        if not folder.resuming:
+            check_writable(result_path(out_dir, "finetune"), cfg.overwrite)
+
+    def build(accelerator, run_dir):
+        set_seed(cfg.seed)
+        return FinetuneTask(cfg, accelerator, run_dir)
+    spec = RunSpec(cfg.finetune.resume, out_dir, out_dir, cfg.overwrite, cfg, cfg.seed,
+                   precision_key="mixed_precision", resume_key="finetune.resume", check=writable)
+    return run_task(build, cfg, spec, training_curves)

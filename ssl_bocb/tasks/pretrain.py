@@ -24,8 +24,8 @@ from ..analysis.plots import training_curves
 from ..engine import checkpoint as ckpt
 from ..engine import logs
 from ..engine.loop import LoopSettings, Task, TrainLoop, check_same_schedule
-from ..engine.setup import (log_optimizer, make_accelerator, open_run_folder, resolve_run_folder,
-                            seed_process_streams, shared_path)
+from ..engine.run import RunSpec, run_task
+from ..engine.setup import log_optimizer, seed_process_streams
 from ..engine.step import ChunkedLoss, StepSettings
 from ..errors import UserError
 from ..losses import contrastive_loss, contrastive_loss_rows
@@ -244,6 +244,13 @@ class PretrainTask(Task):
     def epoch_note(self, row: Dict) -> str:
         return f"  kNN top-1 {row['knn_top1']:.2f}" if "knn_top1" in row else ""
 
+    def finish(self, status: str, loop: TrainLoop, seconds: float) -> str:
+        """A finished run exports its backbone (backbone.safetensors + backbone.json); returns the run folder."""
+        if status == "finished" and self.accelerator.is_main_process:
+            export_backbone(self.unwrapped.backbone, self.run_dir, extra=dict(pretrain_step=loop.step))
+            log.info("exported %s", os.path.join(self.run_dir, "backbone.safetensors"))
+        return self.run_dir
+
     def log_setup(self, folder, loop: TrainLoop) -> None:
         cfg, acc, world = self.cfg, self.accelerator, self.accelerator.num_processes
         log.info("device %s x %d processes, mixed precision %s, %s memory format%s", acc.device, world,
@@ -277,24 +284,9 @@ class PretrainTask(Task):
 
 def pretrain(cfg: DictConfig, name: str = "run") -> str:
     """Run (or resume) MoCo v3 pretraining; returns the run folder."""
-    folder = resolve_run_folder(cfg.resume, cfg.output_dir, logs.default_run_dir(name), cfg.overwrite)
-    accelerator = make_accelerator(cfg.train, seed=cfg.seed)
-    folder.path = shared_path(accelerator, folder.path)
-    logs.setup_logging(accelerator.is_main_process)
-    if folder.resuming:
-        ckpt.check_same_model(folder.meta, config_mod.to_dict(cfg.model), folder.resume_path)
-    task = PretrainTask(cfg, accelerator, folder.path)
-    if folder.resuming:
-        task.resume(folder.resume_path, folder.meta)
-    # nothing is written before this point: bad input fails without touching any folder
-    open_run_folder(accelerator, folder, cfg, task.derived)
-    loop = TrainLoop(task, task.loop_settings(), folder.meta)
-    task.log_setup(folder, loop)
-    status = loop.run()
-    if status == "finished" and accelerator.is_main_process:
-        export_backbone(task.unwrapped.backbone, folder.path, extra=dict(pretrain_step=loop.step))
-        log.info("exported %s", os.path.join(folder.path, "backbone.safetensors"))
-    loop.close(training_curves)
-    accelerator.end_training()
-    log.info("run folder: %s", folder.path)
-    return folder.path
+    def same_model(folder) -> None:
+        if folder.resuming:
+            ckpt.check_same_model(folder.meta, config_mod.to_dict(cfg.model), folder.resume_path)
+    spec = RunSpec(cfg.resume, cfg.output_dir, logs.default_run_dir(name), cfg.overwrite, cfg.train, cfg.seed,
+                   check=same_model)
+    return run_task(lambda acc, run_dir: PretrainTask(cfg, acc, run_dir), cfg, spec, training_curves)
