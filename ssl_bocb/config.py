@@ -11,256 +11,314 @@ import difflib
 import os
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from .errors import UserError
 
 DATASETS = ("cifar10", "cifar100", "stl10", "imagefolder", "imagenette", "fake")
+PRECISIONS = ("auto", "no", "bf16", "fp16")
+HOST_READS = ("auto", "step", "log")
+BOUNDS = (("gt", ">", lambda v, b: v > b), ("ge", ">=", lambda v, b: v >= b), ("lt", "<", lambda v, b: v < b),
+          ("le", "<=", lambda v, b: v <= b))
+
+
+def key(default: Any = None, *, help: str, factory: Optional[Callable[[], Any]] = None,
+        choices: Optional[Tuple] = None, gt: Optional[float] = None, ge: Optional[float] = None,
+        lt: Optional[float] = None, le: Optional[float] = None):
+    """One config key, declared once: its default (or ``factory`` for a list or mapping), its documentation, the
+    values it takes (``choices``) and its bounds (each element's, for a list). Validation, the defaults,
+    ``--help-config`` and the README's key tables (tests/test_docs.py) all read this. A section used twice (optim and
+    finetune.optim, stability and finetune.stability) is one declaration."""
+    meta = dict(help=help, choices=tuple(choices) if choices else None, gt=gt, ge=ge, lt=lt, le=le)
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class DataConfig:
-    # Which dataset: cifar10 | cifar100 | stl10 | imagefolder | imagenette | fake (synthetic, for tests).
-    name: str = "cifar10"
-    # Folder holding the data: native torchvision files, an unpacked ImageFolder tree (<root>/cifar10/train/..)
-    # or an archive such as cifar10-jpeg.tar.gz. Empty: $SSL_BOCB_DATA, else ./data.
-    root: str = ""
-    # Let torchvision download cifar10 / cifar100 / stl10 into `root` when they are missing (needs internet).
-    download: bool = False
-    # Where archives are unpacked (once). Empty: $SSL_BOCB_CACHE, else ~/.cache/ssl_bocb.
-    cache_dir: str = ""
-    # Images per class, chosen deterministically (first N of each class in file order); 0 = all images.
-    subset: int = 0
-    # Side of the square crops fed to the network.
-    image_size: int = 32
-    # RandomResizedCrop lower scale bound: 0.08 ViT (MoCo v3 paper), 0.2 ResNet recipes.
-    crop_min: float = 0.2
-    # Gaussian blur (view 1 always, view 2 with p=0.1). null = auto: on for image_size >= 64, off for
-    # 32 px data, where a blur erases most of the image (common small-image practice, e.g. solo-learn).
-    blur: Optional[bool] = None
-    # Solarize on view 2 with p=0.2 (BYOL / MoCo v3 asymmetry).
-    solarize: bool = True
-    # Normalisation; null = the dataset's own statistics (ImageNet statistics for folders).
-    mean: Optional[List[float]] = None
-    std: Optional[List[float]] = None
-    # Split names for imagefolder / stl10 (pretraining uses train_split). test_split=holdout evaluates on the
-    # validation images that holdout_per_class keeps out of train_split.
-    train_split: str = "train"
-    test_split: str = "test"
-    # Validation split: the last N images of each class of train_split (in file order) are held out. Pretraining,
-    # the kNN bank, the probe's training set and data.subset never see them; data.test_split=holdout evaluates on
-    # them (results go to val_<stage>_metrics.json), and the kNN monitor reads them instead of the test split, so
-    # that every choice can be made without the test split. 0 = no validation split.
-    holdout_per_class: int = 0
-    # DataLoader worker processes per training process (the crops and PIL paths; batched needs none). null = the
-    # CPUs available to this process divided by the processes on its node.
-    num_workers: Optional[int] = None
-    # Pretraining's two-view data path (ssl_bocb/data/pipeline.py). batched: decoded uint8 images held in memory,
-    # both views cut and augmented batch-wise on the training device; crops: workers decode (reduced-scale JPEG
-    # decoding) and crop, the device does colour / blur / solarize / normalisation batch-wise; dali: NVIDIA DALI
-    # reads and decodes the crops (on the GPU; pip install -e ".[dali]"), the same device ops after it; pil:
-    # torchvision's per-image PIL transforms in workers. auto: batched when the images share one size <= image_size
-    # and fit in cache_max_gb; else dali on a CUDA device with DALI installed; else crops. The log says why.
-    pipeline: str = "auto"
-    # The most memory the decoded images of the batched path may take (GB).
-    cache_max_gb: float = 8.0
-    # Images per class for the synthetic `fake` dataset, and its number of classes.
-    fake_per_class: int = 16
-    fake_classes: int = 4
+    name: str = key("cifar10", choices=DATASETS,
+              help="Which dataset: cifar10 | cifar100 | stl10 | imagefolder | imagenette | fake (synthetic, for "
+              "tests).")
+    root: str = key("",
+              help="Folder holding the data: native torchvision files, an unpacked ImageFolder tree "
+              "(<root>/cifar10/train/..) or an archive such as cifar10-jpeg.tar.gz. Empty: $SSL_BOCB_DATA, else "
+              "./data.")
+    download: bool = key(False,
+              help="Let torchvision download cifar10 / cifar100 / stl10 into `root` when they are missing (needs "
+              "internet).")
+    cache_dir: str = key("",
+              help="Where archives are unpacked (once). Empty: $SSL_BOCB_CACHE, else ~/.cache/ssl_bocb.")
+    subset: int = key(0, ge=0,
+              help="Images per class, chosen deterministically (first N of each class in file order); 0 = all "
+              "images.")
+    image_size: int = key(32, gt=0,
+              help="Side of the square crops fed to the network.")
+    crop_min: float = key(0.2, gt=0, le=1,
+              help="RandomResizedCrop lower scale bound: 0.08 ViT (MoCo v3 paper), 0.2 ResNet recipes.")
+    blur: Optional[bool] = key(None,
+              help="Gaussian blur (view 1 always, view 2 with p=0.1). null = auto: on for image_size >= 64, off for "
+              "32 px data, where a blur erases most of the image (common small-image practice, e.g. solo-learn).")
+    solarize: bool = key(True,
+              help="Solarize on view 2 with p=0.2 (BYOL / MoCo v3 asymmetry).")
+    mean: Optional[List[float]] = key(None, ge=0, le=1,
+              help="Normalisation means, one per channel; null = the dataset's own statistics (ImageNet statistics "
+              "for folders).")
+    std: Optional[List[float]] = key(None, gt=0,
+              help="Normalisation standard deviations, one per channel; null = the dataset's own statistics.")
+    train_split: str = key("train",
+              help="The split pretraining, the kNN bank and the probe train on (a folder name for imagefolder / "
+              "stl10).")
+    test_split: str = key("test",
+              help="The split the evaluations read: test, or holdout (the validation images that "
+              "data.holdout_per_class keeps out of train_split).")
+    holdout_per_class: int = key(0, ge=0,
+              help="Validation split: the last N images of each class of train_split (in file order) are held out. "
+              "Pretraining, the kNN bank, the probe's training set and data.subset never see them; "
+              "data.test_split=holdout evaluates on them (results go to val_<stage>_metrics.json), and the kNN "
+              "monitor reads them instead of the test split, so that every choice can be made without the test "
+              "split. 0 = no validation split.")
+    num_workers: Optional[int] = key(None, ge=0,
+              help="DataLoader worker processes per training process (the crops and PIL paths; batched needs none). "
+              "null = the CPUs available to this process divided by the processes on its node.")
+    pipeline: str = key("auto", choices=('auto', 'batched', 'crops', 'dali', 'pil'),
+              help="Pretraining's two-view data path (ssl_bocb/data/pipeline.py). batched: decoded uint8 images "
+              "held in memory, both views cut and augmented batch-wise on the training device; crops: workers "
+              "decode (reduced-scale JPEG decoding) and crop, the device does colour / blur / solarize / "
+              "normalisation batch-wise; dali: NVIDIA DALI reads and decodes the crops (on the GPU; pip install -e "
+              "\".[dali]\"), the same device ops after it; pil: torchvision's per-image PIL transforms in workers. "
+              "auto: batched when the images share one size <= image_size and fit in cache_max_gb; else dali on a "
+              "CUDA device with DALI installed; else crops. The log says why.")
+    cache_max_gb: float = key(8.0, gt=0,
+              help="The most memory the decoded images of the batched path may take (GB).")
+    fake_per_class: int = key(16, gt=0,
+              help="Images per class of the synthetic `fake` dataset.")
+    fake_classes: int = key(4, gt=0,
+              help="Classes of the synthetic `fake` dataset.")
 
 
 @dataclass
 class ModelConfig:
-    # Any timm model name (created with num_classes=0), e.g. resnet18, resnet50, vit_small_patch16_224.
-    backbone: str = "resnet18"
-    # Extra keyword arguments for timm.create_model, e.g. {img_size: 32, patch_size: 4, drop_path_rate: 0.1}.
-    backbone_kwargs: Dict[str, Any] = field(default_factory=dict)
-    # ResNet only: 3x3 stride-1 first conv and no max-pool, the usual CIFAR stem for 32 px inputs.
-    cifar_stem: bool = False
-    # ViT only: freeze the random patch projection (MoCo v3 "stop-grad conv1", sec. 4.2); excluded from the
-    # optimizer.
-    frozen_patch_embed: bool = False
-    # ViT only: position embedding: sincos (fixed 2D, MoCo v3) | learned (timm's) | none.
-    pos_embed: str = "sincos"
-    # ViT only: token (class token, final LayerNorm) | avg (global average pooling of the patch tokens, with no
-    # class token and no final LayerNorm: the MoCo v3 ablation found the norm must go with the class token).
-    pool: str = "token"
-    # ViT only: the norm before each block's MLP: layernorm | batchnorm (MoCo v3 ablation, about +1 point; the
-    # norm before attention stays LayerNorm).
-    mlp_norm: str = "layernorm"
-    # ViT only: a norm on the patch projection: none | batchnorm (over its output channels) | weightnorm (on its
-    # weight). MoCo v3 found neither removes the instability that freezing it removes.
-    patch_norm: str = "none"
-    # ViT only: MoCo v3 initialisation (qkv split xavier, xavier Linear, cls token N(0, 1e-6), patch proj).
-    moco_init: bool = True
-    # ResNet: zero-init the last BN gamma of each residual block (MoCo v3 / Goyal et al. 2017).
-    zero_init_residual: bool = True
-    # Projector depth; null = 2 for CNNs, 3 for ViTs (MoCo v3).
-    proj_layers: Optional[int] = None
-    # Predictor depth; 0 removes the predictor (MoCo v3 ablation: about -1 point).
-    pred_layers: int = 2
-    # Hidden width of the projector and predictor MLPs (4096 in MoCo v3).
-    hidden_dim: int = 4096
-    # Output dimension of projector and predictor (256 in MoCo v3).
-    out_dim: int = 256
-    # BatchNorm after each hidden Linear of the projector / predictor (MoCo v3 heads have it; removing it is
-    # the BN-head ablation, about -2 points).
-    proj_hidden_bn: bool = True
-    pred_hidden_bn: bool = True
-    # BatchNorm1d(affine=False) after the last Linear: projector always in MoCo v3; predictor only for ViT.
-    # null = the MoCo v3 default for the backbone family.
-    proj_last_bn: Optional[bool] = None
-    pred_last_bn: Optional[bool] = None
+    backbone: str = key("resnet18",
+              help="Any timm model name (created with num_classes=0), e.g. resnet18, resnet50, "
+              "vit_small_patch16_224.")
+    backbone_kwargs: Dict[str, Any] = key(factory=dict,
+              help="Extra keyword arguments for timm.create_model, e.g. {img_size: 32, patch_size: 4, "
+              "drop_path_rate: 0.1}.")
+    cifar_stem: bool = key(False,
+              help="ResNet only: 3x3 stride-1 first conv and no max-pool, the usual CIFAR stem for 32 px inputs.")
+    frozen_patch_embed: bool = key(False,
+              help="ViT only: freeze the random patch projection (MoCo v3 \"stop-grad conv1\", sec. 4.2); excluded "
+              "from the optimizer.")
+    pos_embed: str = key("sincos", choices=('sincos', 'learned', 'none'),
+              help="ViT only: position embedding: sincos (fixed 2D, MoCo v3) | learned (timm's) | none.")
+    pool: str = key("token", choices=('token', 'avg'),
+              help="ViT only: token (class token, final LayerNorm) | avg (global average pooling of the patch "
+              "tokens, with no class token and no final LayerNorm: the MoCo v3 ablation found the norm must go with "
+              "the class token).")
+    mlp_norm: str = key("layernorm", choices=('layernorm', 'batchnorm'),
+              help="ViT only: the norm before each block's MLP: layernorm | batchnorm (MoCo v3 ablation, about +1 "
+              "point; the norm before attention stays LayerNorm).")
+    patch_norm: str = key("none", choices=('none', 'batchnorm', 'weightnorm'),
+              help="ViT only: a norm on the patch projection: none | batchnorm (over its output channels) | "
+              "weightnorm (on its weight). MoCo v3 found neither removes the instability that freezing it removes.")
+    moco_init: bool = key(True,
+              help="ViT only: MoCo v3 initialisation (qkv split xavier, xavier Linear, cls token N(0, 1e-6), patch "
+              "proj).")
+    zero_init_residual: bool = key(True,
+              help="ResNet: zero-init the last BN gamma of each residual block (MoCo v3 / Goyal et al. 2017).")
+    proj_layers: Optional[int] = key(None, gt=0,
+              help="Projector depth; null = 2 for CNNs, 3 for ViTs (MoCo v3).")
+    pred_layers: int = key(2, ge=0,
+              help="Predictor depth; 0 removes the predictor (MoCo v3 ablation: about -1 point).")
+    hidden_dim: int = key(4096, gt=0,
+              help="Hidden width of the projector and predictor MLPs (4096 in MoCo v3).")
+    out_dim: int = key(256, gt=0,
+              help="Output dimension of projector and predictor (256 in MoCo v3).")
+    proj_hidden_bn: bool = key(True,
+              help="BatchNorm after each hidden Linear of the projector (MoCo v3 heads have it; removing it from "
+              "both heads is the BN-head ablation, about -2 points).")
+    pred_hidden_bn: bool = key(True,
+              help="BatchNorm after each hidden Linear of the predictor, as model.proj_hidden_bn.")
+    proj_last_bn: Optional[bool] = key(None,
+              help="BatchNorm1d(affine=False) after the projector's last Linear (always in MoCo v3); null = the "
+              "MoCo v3 default.")
+    pred_last_bn: Optional[bool] = key(None,
+              help="BatchNorm1d(affine=False) after the predictor's last Linear (MoCo v3: ViT only); null = the "
+              "MoCo v3 default for the backbone family.")
 
 
 @dataclass
 class MocoConfig:
-    # Softmax temperature tau: 0.2 ViT, 1.0 ResNet-50 in the published recipes.
-    temperature: float = 0.2
-    # Momentum-encoder EMA coefficient m0 (0.99 best in the paper, 0.996 for long ResNet runs). 0 = the m = 0
-    # ablation: no momentum encoder; keys are the base encoder's projector outputs under stop-gradient.
-    momentum: float = 0.99
-    # cosine: m goes from m0 to 1 over training (published recipes) | constant.
-    momentum_schedule: str = "cosine"
+    temperature: float = key(0.2, gt=0,
+              help="Softmax temperature tau: 0.2 ViT, 1.0 ResNet-50 in the published recipes.")
+    momentum: float = key(0.99, ge=0, lt=1,
+              help="Momentum-encoder EMA coefficient m0 (0.99 best in the paper, 0.996 for long ResNet runs). 0 = "
+              "the m = 0 ablation: no momentum encoder; keys are the base encoder's projector outputs under "
+              "stop-gradient.")
+    momentum_schedule: str = key("cosine", choices=('cosine', 'constant'),
+              help="cosine: m goes from m0 to 1 over training (published recipes) | constant.")
 
 
 @dataclass
 class SamConfig:
-    # SAM neighbourhood radius rho (Foret et al. 2021: 0.05; ViTs 0.05-0.2, Chen et al. 2022); 0 = off. Two
-    # forward / backward passes per step around any optimizer of the table.
-    rho: float = 0.0
-    # ASAM (Kwon et al. 2021): the perturbation scaled elementwise by |w|, rho then typically 10x larger.
-    adaptive: bool = False
+    rho: float = key(0.0, ge=0,
+              help="SAM neighbourhood radius rho (Foret et al. 2021: 0.05; ViTs 0.05-0.2, Chen et al. 2022); 0 = "
+              "off. Two forward / backward passes per step around any optimizer of the table.")
+    adaptive: bool = key(False,
+              help="ASAM (Kwon et al. 2021): the perturbation scaled elementwise by |w|, rho then typically 10x "
+              "larger.")
 
 
 @dataclass
 class OptimConfig:
-    # Any name of the optimizer table (`python tools/optimizers.py`: the 20 BOCB optimizers, Muon, ADOPT, MARS,
-    # LaProp, Kron), or another timm.optim name (then base_lr and weight_decay must be set).
-    name: str = "adamw"
-    # The keys below set to null take, in this order, optim.per_optimizer.<name>.<key> (a recipe's tuning for that
-    # optimizer) and then the table's default for the chosen optimizer, so that swapping optim.name swaps them all.
-    # Learning rate per 256 images; the actual lr follows lr_scaling.
-    base_lr: Optional[float] = None
-    # linear: lr = base_lr * batch / 256 (Goyal et al.) | sqrt: base_lr * sqrt(batch / 256) | none.
-    lr_scaling: Optional[str] = None
-    weight_decay: Optional[float] = None
-    # SGD / LARS / RMSProp / Muon / Kron momentum, and Nesterov where the optimizer has it.
-    momentum: Optional[float] = None
-    nesterov: Optional[bool] = None
-    # Adam-family betas (three for Adan) and eps.
-    betas: Optional[List[float]] = None
-    eps: Optional[float] = None
-    # LARS trust coefficient eta (0.001 ImageNet batch 4096; 0.02 with trust_clip for small batches, solo-learn).
-    trust_coefficient: Optional[float] = None
-    # LARC / LAMBC: clip the trust ratio so the local lr never exceeds the global lr.
-    trust_clip: Optional[bool] = None
-    # Per-optimizer settings a recipe tuned, used only when that optimizer is chosen, e.g.
-    # {lars: {base_lr: 0.3, trust_coefficient: 0.02}, adamw: {weight_decay: 0.05}}.
-    per_optimizer: Dict[str, Any] = field(default_factory=dict)
-    # Which tensors get weight decay: all (the reference MoCo v3 AdamW) | exclude_1d (not biases and norm scales)
-    # | exclude_1d_tokens (also not the cls token, position embedding and timm's no_weight_decay() names).
-    weight_decay_policy: str = "exclude_1d_tokens"
-    # Which tensors get the layer-wise trust ratio of LARS / LAMB: exclude_1d (SPEC: ndim <= 1 excluded) | all.
-    trust_ratio_policy: str = "exclude_1d"
-    # Final lr of the cosine schedule, as a fraction of the peak lr.
-    min_lr_ratio: float = 0.0
-    # Weight decay at the end of training (cosine from weight_decay); null = constant.
-    weight_decay_end: Optional[float] = None
-    # Gradient clipping: norm (global L2 norm <= grad_clip) | first_layer (only the first layer's gradient norm
-    # <= grad_clip: a ViT's patch projection, a CNN's first conv) | agc (NFNets unit-wise ||g|| / ||w|| <= grad_clip).
-    grad_clip_mode: str = "norm"
-    # Clipping threshold (max norm, or AGC lambda such as 0.01-0.16); 0 = off.
-    grad_clip: float = 0.0
+    name: str = key("adamw",
+              help="Any name of the optimizer table (`python tools/optimizers.py`: the 20 BOCB optimizers, Muon, "
+              "ADOPT, MARS, LaProp, Kron), or another timm.optim name (then base_lr and weight_decay must be set).")
+    base_lr: Optional[float] = key(None, gt=0,
+              help="The keys below set to null take, in this order, optim.per_optimizer.<name>.<key> (a recipe's "
+              "tuning for that optimizer) and then the table's default for the chosen optimizer, so that swapping "
+              "optim.name swaps them all. Learning rate per 256 images; the actual lr follows lr_scaling.")
+    lr_scaling: Optional[str] = key(None, choices=('linear', 'sqrt', 'none'),
+              help="linear: lr = base_lr * batch / 256 (Goyal et al.) | sqrt: base_lr * sqrt(batch / 256) | none.")
+    weight_decay: Optional[float] = key(None, ge=0,
+              help="Weight decay; null = optim.per_optimizer.<name>.weight_decay, else the table's default for the "
+              "optimizer.")
+    momentum: Optional[float] = key(None, ge=0, lt=1,
+              help="SGD / LARS / RMSProp / Muon / Kron momentum; null = the table's default.")
+    nesterov: Optional[bool] = key(None,
+              help="Nesterov momentum where the optimizer has it; null = the table's default.")
+    betas: Optional[List[float]] = key(None, ge=0, lt=1,
+              help="Adam-family betas (three for Adan); null = the table's default.")
+    eps: Optional[float] = key(None, gt=0,
+              help="Adam-family eps; null = the table's default.")
+    trust_coefficient: Optional[float] = key(None, ge=0,
+              help="LARS trust coefficient eta (0.001 ImageNet batch 4096; 0.02 with trust_clip for small batches, "
+              "solo-learn).")
+    trust_clip: Optional[bool] = key(None,
+              help="LARC / LAMBC: clip the trust ratio so the local lr never exceeds the global lr.")
+    per_optimizer: Dict[str, Any] = key(factory=dict,
+              help="Per-optimizer settings a recipe tuned, used only when that optimizer is chosen, e.g. {lars: "
+              "{base_lr: 0.3, trust_coefficient: 0.02}, adamw: {weight_decay: 0.05}}.")
+    weight_decay_policy: str = key("exclude_1d_tokens", choices=('all', 'exclude_1d', 'exclude_1d_tokens'),
+              help="Which tensors get weight decay: all (the reference MoCo v3 AdamW) | exclude_1d (not biases and "
+              "norm scales) | exclude_1d_tokens (also not the cls token, position embedding and timm's "
+              "no_weight_decay() names).")
+    trust_ratio_policy: str = key("exclude_1d", choices=('exclude_1d', 'all'),
+              help="Which tensors get the layer-wise trust ratio of LARS / LAMB: exclude_1d (SPEC: ndim <= 1 "
+              "excluded) | all.")
+    min_lr_ratio: float = key(0.0, ge=0, le=1,
+              help="Final lr of the cosine schedule, as a fraction of the peak lr.")
+    weight_decay_end: Optional[float] = key(None, ge=0,
+              help="Weight decay at the end of training (cosine from weight_decay); null = constant.")
+    grad_clip_mode: str = key("norm", choices=('norm', 'first_layer', 'agc'),
+              help="Gradient clipping: norm (global L2 norm <= grad_clip) | first_layer (only the first layer's "
+              "gradient norm <= grad_clip: a ViT's patch projection, a CNN's first conv) | agc (NFNets unit-wise "
+              "||g|| / ||w|| <= grad_clip).")
+    grad_clip: float = key(0.0, ge=0,
+              help="Clipping threshold (max norm, or AGC lambda such as 0.01-0.16); 0 = off.")
     sam: SamConfig = field(default_factory=SamConfig)
-    # Extra keyword arguments passed to the optimizer's constructor as they are.
-    kwargs: Dict[str, Any] = field(default_factory=dict)
+    kwargs: Dict[str, Any] = key(factory=dict,
+              help="Extra keyword arguments passed to the optimizer's constructor as they are.")
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 100
-    # Linear warmup length in epochs (may be fractional); then half-cycle cosine, per iteration.
-    warmup_epochs: float = 10.0
-    # Global batch size over all processes; must divide by the number of processes.
-    batch_size: int = 256
-    # Exact large batches on few devices: each step computes every key of the batch first (momentum encoder, no
-    # gradient), then the queries in this many chunks, each against all keys, gradients accumulated; one optimizer
-    # step. Exact (to round-off) without BatchNorm; with BatchNorm each chunk normalises over its own samples, as
-    # that many processes without SyncBN would. Must divide the per-process batch. Not with SAM or Sophia.
-    query_chunks: int = 1
-    # auto | no | bf16 | fp16, through Accelerate. auto: bf16 where the device computes it natively (GPUs with bf16,
-    # CPUs with AVX-512 BF16 / AMX), else fp32; bf16 on a CPU without them is emulated, tens of times slower.
-    mixed_precision: str = "auto"
-    # Channels-last memory format for the model and its inputs. null = auto: on for convolutional backbones (on the
-    # CPU it was measured faster, see README "Performance"), off for ViTs.
-    channels_last: Optional[bool] = None
-    # torch.compile the encoders, projector and predictor. null = auto: off (compiling cost 50-80 s on 2 CPU cores
-    # for no gain over channels-last; not measured on GPUs). Not with Hessian optimizers (Sophia).
-    compile: Optional[bool] = None
-    # Convert BatchNorm to SyncBatchNorm when more than one process runs (MoCo v3 does).
-    sync_bn: bool = True
-    # Save a checkpoint every N epochs (and always at the end).
-    save_every: int = 10
-    # Also save every N optimisation steps (mid-epoch resume points); 0 = off.
-    save_every_steps: int = 0
-    # Keep only the newest N checkpoints; 0 = keep all.
-    keep_checkpoints: int = 2
-    # Stop this invocation after this global step (a checkpoint is written); 0 = run to the end. Useful to
-    # split a long run into jobs, or to time a few steps.
-    stop_at_step: int = 0
-    # Log step scalars every N steps.
-    log_every: int = 10
-    # When the loss and gradient norms are read off the device. step: every step; a non-finite step is skipped
-    # before it is applied. log: only at log steps, checkpoints and epoch ends (no host sync per step); a window
-    # with a non-finite step is undone as a whole from a device copy of the state. auto: log on GPUs, step elsewhere
-    # (and with fp16, whose loss scaler decides per step).
-    host_reads: str = "auto"
-    # Force the CPU even when an accelerator is present.
-    cpu: bool = False
+    epochs: int = key(100, gt=0,
+              help="Pretraining epochs.")
+    warmup_epochs: float = key(10.0, ge=0,
+              help="Linear warmup length in epochs (may be fractional); then half-cycle cosine, per iteration.")
+    batch_size: int = key(256, gt=0,
+              help="Global batch size over all processes; must divide by the number of processes.")
+    query_chunks: int = key(1, gt=0,
+              help="Exact large batches on few devices: each step computes every key of the batch first (momentum "
+              "encoder, no gradient), then the queries in this many chunks, each against all keys, gradients "
+              "accumulated; one optimizer step. Exact (to round-off) without BatchNorm; with BatchNorm each chunk "
+              "normalises over its own samples, as that many processes without SyncBN would. Must divide the "
+              "per-process batch. Not with SAM or Sophia.")
+    mixed_precision: str = key("auto", choices=PRECISIONS,
+              help="auto | no | bf16 | fp16, through Accelerate. auto: bf16 where the device computes it natively "
+              "(GPUs with bf16, CPUs with AVX-512 BF16 / AMX), else fp32; bf16 on a CPU without them is emulated, "
+              "tens of times slower.")
+    channels_last: Optional[bool] = key(None,
+              help="Channels-last memory format for the model and its inputs. null = auto: on for convolutional "
+              "backbones (on the CPU it was measured faster, see README \"Performance\"), off for ViTs.")
+    compile: Optional[bool] = key(None,
+              help="torch.compile the encoders, projector and predictor. null = auto: off (compiling cost 50-80 s "
+              "on 2 CPU cores for no gain over channels-last; not measured on GPUs). Not with Hessian optimizers "
+              "(Sophia).")
+    sync_bn: bool = key(True,
+              help="Convert BatchNorm to SyncBatchNorm when more than one process runs (MoCo v3 does).")
+    save_every: int = key(10, ge=0,
+              help="Save a checkpoint every N epochs (and always at the end).")
+    save_every_steps: int = key(0, ge=0,
+              help="Also save every N optimisation steps (mid-epoch resume points); 0 = off.")
+    keep_checkpoints: int = key(2, ge=0,
+              help="Keep only the newest N checkpoints; 0 = keep all.")
+    stop_at_step: int = key(0, ge=0,
+              help="Stop this invocation after this global step (a checkpoint is written); 0 = run to the end. "
+              "Useful to split a long run into jobs, or to time a few steps.")
+    log_every: int = key(10, gt=0,
+              help="Log step scalars every N steps.")
+    host_reads: str = key("auto", choices=HOST_READS,
+              help="When the loss and gradient norms are read off the device. step: every step; a non-finite step "
+              "is skipped before it is applied. log: only at log steps, checkpoints and epoch ends (no host sync "
+              "per step); a window with a non-finite step is undone as a whole from a device copy of the state. "
+              "auto: log on GPUs, step elsewhere (and with fp16, whose loss scaler decides per step).")
+    cpu: bool = key(False,
+              help="Force the CPU even when an accelerator is present.")
 
 
 @dataclass
 class MonitorConfig:
-    # Online kNN monitor: every N epochs a kNN top-1 on a fixed labelled subset; 0 = off.
-    knn_every: int = 0
-    # Labelled images per class for the monitor's train bank and for its queries.
-    knn_train_per_class: int = 100
-    knn_test_per_class: int = 50
-    knn_k: int = 20
-    knn_temperature: float = 0.07
+    knn_every: int = key(0, ge=0,
+              help="Online kNN monitor: every N epochs a kNN top-1 on a fixed labelled subset; 0 = off.")
+    knn_train_per_class: int = key(100, gt=0,
+              help="Labelled images per class of the monitor's kNN bank.")
+    knn_test_per_class: int = key(50, gt=0,
+              help="Labelled images per class of the monitor's queries (from the holdout split when "
+              "data.holdout_per_class is set).")
+    knn_k: int = key(20, gt=0,
+              help="Neighbours of the monitor's kNN vote.")
+    knn_temperature: float = key(0.07, gt=0,
+              help="Temperature T of the monitor's exp(sim / T) vote.")
 
 
 @dataclass
 class StabilityConfig:
-    # Non-finite guard: a step with a non-finite loss or gradient is skipped (no optimizer or momentum-encoder
-    # update); after this many in a row the run rolls back to its last good checkpoint.
-    nonfinite_patience: int = 3
-    # After a rollback the lr is multiplied by this factor for the rest of the run (compounding).
-    rollback_lr_factor: float = 0.5
-    # Roll back at most this many times; the next divergence stops the run with one line.
-    max_rollbacks: int = 2
-    # Gradient-norm / loss spike: above spike_factor x the median of the previous spike_window steps (at least
-    # spike_min_history of them).
-    spike_factor: float = 3.0
-    spike_window: int = 20
-    spike_min_history: int = 5
-    # kNN dip: a monitor reading more than dip_drop points below the best reading before it.
-    dip_drop: float = 2.0
+    nonfinite_patience: int = key(3, gt=0,
+              help="Non-finite guard: a step with a non-finite loss or gradient is skipped (no optimizer or "
+              "momentum-encoder update); after this many in a row the run rolls back to its last good checkpoint.")
+    rollback_lr_factor: float = key(0.5, gt=0, le=1,
+              help="After a rollback the lr is multiplied by this factor for the rest of the run (compounding).")
+    max_rollbacks: int = key(2, ge=0,
+              help="Roll back at most this many times; the next divergence stops the run with one line.")
+    spike_factor: float = key(3.0, gt=0,
+              help="Gradient-norm / loss spike: a value above spike_factor x the median of the previous "
+              "spike_window steps.")
+    spike_window: int = key(20, gt=0,
+              help="Steps before a value whose median a spike is measured against.")
+    spike_min_history: int = key(5, gt=0,
+              help="Fewest such steps before any spike is counted.")
+    dip_drop: float = key(2.0, ge=0,
+              help="kNN dip: a monitor reading more than dip_drop points below the best reading before it.")
 
 
 @dataclass
 class PretrainConfig:
-    # Run directory. Empty: runs/<recipe name>-<timestamp>.
-    output_dir: str = ""
-    seed: int = 0
-    # "" start fresh | auto: newest checkpoint in output_dir (fresh if none) | path to a checkpoint folder.
-    resume: str = ""
-    # Allow reusing an output_dir that holds another run; its old contents are moved to <dir>.old-<time>.
-    overwrite: bool = False
+    output_dir: str = key("",
+              help="Run directory. Empty: runs/<recipe name>-<timestamp>.")
+    seed: int = key(0, ge=0,
+              help="Seed of the initial weights, the data order and every augmentation.")
+    resume: str = key("",
+              help="\"\" start fresh | auto: newest checkpoint in output_dir (fresh if none) | path to a checkpoint "
+              "folder.")
+    overwrite: bool = key(False,
+              help="Allow reusing an output_dir that holds another run; its old contents are moved to "
+              "<dir>.old-<time>.")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     moco: MocoConfig = field(default_factory=MocoConfig)
@@ -272,29 +330,33 @@ class PretrainConfig:
 
 @dataclass
 class KnnConfig:
-    # Neighbours for the headline number and temperature of the exp(sim / T) vote (DINO: k=20, T=0.07).
-    k: int = 20
-    temperature: float = 0.07
-    # Every k reported in the table (DINO reports 10, 20, 100, 200).
-    ks: List[int] = field(default_factory=lambda: [10, 20, 100, 200])
-    # auto (faiss when installed, on the GPU when possible) | faiss | torch (chunked matmul).
-    backend: str = "auto"
-    # Test rows per matmul chunk of the torch backend.
-    chunk_size: int = 1024
+    k: int = key(20, gt=0,
+              help="Neighbours of the headline number (DINO: 20).")
+    temperature: float = key(0.07, gt=0,
+              help="Temperature T of the exp(sim / T) vote (DINO: 0.07).")
+    ks: List[int] = key(factory=lambda: [10, 20, 100, 200], gt=0,
+              help="Every k reported in the table (DINO reports 10, 20, 100, 200).")
+    backend: str = key("auto", choices=('auto', 'faiss', 'torch'),
+              help="auto (faiss when installed, on the GPU when possible) | faiss | torch (chunked matmul).")
+    chunk_size: int = key(1024, gt=0,
+              help="Test rows per matmul chunk of the torch backend.")
 
 
 @dataclass
 class LinearConfig:
-    # cached: train the head on cached features (fast, no augmentation; default for sweeps) | full: the MoCo v3
-    # protocol with RandomResizedCrop + flip through the frozen backbone.
-    mode: str = "cached"
-    # MoCo v3: 90 epochs, batch 1024, SGD momentum 0.9, wd 0, cosine per epoch, no warmup.
-    epochs: int = 90
-    batch_size: int = 1024
-    # lr per 256 images; null = 0.1 for CNNs, 3.0 for ViTs (MoCo v3), scaled by batch / 256.
-    base_lr: Optional[float] = None
-    momentum: float = 0.9
-    weight_decay: float = 0.0
+    mode: str = key("cached", choices=('cached', 'full'),
+              help="cached: train the head on cached features (fast, no augmentation; default for sweeps) | full: "
+              "the MoCo v3 protocol with RandomResizedCrop + flip through the frozen backbone.")
+    epochs: int = key(90, gt=0,
+              help="Probe epochs (MoCo v3: 90, batch 1024, SGD momentum 0.9, wd 0, cosine per epoch, no warmup).")
+    batch_size: int = key(1024, gt=0,
+              help="Probe batch size (MoCo v3: 1024).")
+    base_lr: Optional[float] = key(None, gt=0,
+              help="lr per 256 images; null = 0.1 for CNNs, 3.0 for ViTs (MoCo v3), scaled by batch / 256.")
+    momentum: float = key(0.9, ge=0, lt=1,
+              help="SGD momentum of the probe (MoCo v3: 0.9).")
+    weight_decay: float = key(0.0, ge=0,
+              help="Weight decay of the probe (MoCo v3: 0).")
 
 
 def _finetune_optim() -> OptimConfig:
@@ -304,35 +366,45 @@ def _finetune_optim() -> OptimConfig:
 
 @dataclass
 class FinetuneConfig:
-    epochs: int = 100
-    warmup_epochs: float = 5.0
-    batch_size: int = 128
+    epochs: int = key(100, gt=0,
+              help="Fine-tuning epochs.")
+    warmup_epochs: float = key(5.0, ge=0,
+              help="Linear warmup of the fine-tune lr, in epochs; then cosine per step.")
+    batch_size: int = key(128, gt=0,
+              help="Global fine-tuning batch size over all processes.")
     # The fine-tune optimizer (any table name: it is a BOCB axis too). Default AdamW 5e-4 / wd 0.05 (DeiT).
     optim: OptimConfig = field(default_factory=_finetune_optim)
-    # ViT layer-wise lr decay (BEiT / MAE); 1.0 = off. Ignored for CNNs.
-    layer_decay: float = 0.75
-    # ViT: train the position embedding (the DeiT-style transfer recipe), also when pretraining kept it fixed
-    # (sin-cos); false keeps it as pretraining had it.
-    train_pos_embed: bool = True
-    # Stochastic depth rate passed to timm (drop_path_rate).
-    drop_path: float = 0.1
-    label_smoothing: float = 0.1
-    # timm Mixup / CutMix alphas and the probability to apply one of them per batch; 0 = off.
-    mixup: float = 0.8
-    cutmix: float = 1.0
-    mixup_prob: float = 1.0
-    # timm auto-augment policy string (RandAugment m9, std 0.5 as in DeiT); empty or null = off. DeiT's "-inc1"
-    # variant is not the default: its posterize reaches 0 bits, which current Pillow rejects mid-epoch.
-    randaugment: Optional[str] = "rand-m9-mstd0.5"
-    # Keep an exponential moving average of the weights and report it too; 0 = off (e.g. 0.9999).
-    ema_decay: float = 0.0
-    # Checkpoint every N epochs (and at the end); resume as in pretraining.
-    save_every: int = 1
-    resume: str = ""
-    # steps.jsonl interval (loss, lr, gradient norms per layer), as train.log_every.
-    log_every: int = 10
-    # When the loss and gradient norms are read off the device, as train.host_reads (auto: log on GPUs).
-    host_reads: str = "auto"
+    layer_decay: float = key(0.75, gt=0, le=1,
+              help="ViT layer-wise lr decay (BEiT / MAE); 1.0 = off. Ignored for CNNs.")
+    train_pos_embed: bool = key(True,
+              help="ViT: train the position embedding (the DeiT-style transfer recipe), also when pretraining kept "
+              "it fixed (sin-cos); false keeps it as pretraining had it.")
+    drop_path: float = key(0.1, ge=0, lt=1,
+              help="Stochastic depth rate passed to timm (drop_path_rate).")
+    label_smoothing: float = key(0.1, ge=0, lt=1,
+              help="Label smoothing of the cross-entropy (DeiT: 0.1).")
+    mixup: float = key(0.8, ge=0,
+              help="timm Mixup alpha; 0 = off.")
+    cutmix: float = key(1.0, ge=0,
+              help="timm CutMix alpha; 0 = off.")
+    mixup_prob: float = key(1.0, ge=0, le=1,
+              help="Probability to apply Mixup or CutMix to a batch.")
+    randaugment: Optional[str] = key("rand-m9-mstd0.5",
+              help="timm auto-augment policy string (RandAugment m9, std 0.5 as in DeiT); empty or null = off. "
+              "DeiT's \"-inc1\" variant is not the default: its posterize reaches 0 bits, which current Pillow "
+              "rejects mid-epoch.")
+    ema_decay: float = key(0.0, ge=0, lt=1,
+              help="Keep an exponential moving average of the weights and report it too; 0 = off (e.g. 0.9999).")
+    save_every: int = key(1, ge=0,
+              help="Checkpoint every N epochs (and at the end); resume as in pretraining.")
+    resume: str = key("",
+              help="\"\" start fresh | auto: the newest checkpoint of the fine-tune folder | a checkpoint folder, as "
+              "pretraining's resume.")
+    log_every: int = key(10, gt=0,
+              help="steps.jsonl interval (loss, lr, gradient norms per layer), as train.log_every.")
+    host_reads: str = key("auto", choices=HOST_READS,
+              help="When the loss and gradient norms are read off the device, as train.host_reads (auto: log on "
+              "GPUs).")
     # The non-finite guard, rollback and spike / dip rules, as pretraining's stability.* (the dip rule watches
     # the validation top-1 after each epoch).
     stability: StabilityConfig = field(default_factory=StabilityConfig)
@@ -340,25 +412,29 @@ class FinetuneConfig:
 
 @dataclass
 class EvalConfig:
-    # Pretraining run folder, checkpoint folder or backbone.safetensors; "" = model.backbone at random init.
-    checkpoint: str = ""
-    # Where results go; "" = the checkpoint's run folder (runs/random-<backbone> without a checkpoint).
-    output_dir: str = ""
-    # Replace an existing result (the old file is kept as <name>.old-<time>).
-    overwrite: bool = False
-    seed: int = 0
-    # Images per class taken from the test split; 0 = all (data.subset applies to the train split).
-    test_subset: int = 0
-    # Seed of the random-init backbone evaluated when no checkpoint is given (the random-init floor is read over
-    # several: tools/floors.py).
-    init_seed: int = 0
-    # Batch size of feature extraction, per process.
-    batch_size: int = 256
-    # Reuse features cached under data.cache_dir for the same weights, data, split and transform.
-    cache_features: bool = True
-    # auto | no | bf16 | fp16 for feature extraction and fine-tuning, as train.mixed_precision.
-    mixed_precision: str = "auto"
-    cpu: bool = False
+    checkpoint: str = key("",
+              help="Pretraining run folder, checkpoint folder or backbone.safetensors; \"\"= model.backbone at "
+              "random init.")
+    output_dir: str = key("",
+              help="Where results go; \"\"= the checkpoint's run folder (runs/random-<backbone> without a "
+              "checkpoint).")
+    overwrite: bool = key(False,
+              help="Replace an existing result (the old file is kept as <name>.old-<time>).")
+    seed: int = key(0, ge=0,
+              help="Seed of the evaluation's data order, augmentations and probe initialisation.")
+    test_subset: int = key(0, ge=0,
+              help="Images per class taken from the test split; 0 = all (data.subset applies to the train split).")
+    init_seed: int = key(0, ge=0,
+              help="Seed of the random-init backbone evaluated when no checkpoint is given (the random-init floor "
+              "is read over several: tools/floors.py).")
+    batch_size: int = key(256, gt=0,
+              help="Batch size of feature extraction, per process.")
+    cache_features: bool = key(True,
+              help="Reuse features cached under data.cache_dir for the same weights, data, split and transform.")
+    mixed_precision: str = key("auto", choices=PRECISIONS,
+              help="auto | no | bf16 | fp16 for feature extraction and fine-tuning, as train.mixed_precision.")
+    cpu: bool = key(False,
+              help="Force the CPU even when an accelerator is present.")
     data: DataConfig = field(default_factory=DataConfig)
     # Used only without a checkpoint (the random-init baseline) and for fine-tuning from scratch.
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -366,50 +442,6 @@ class EvalConfig:
     linear: LinearConfig = field(default_factory=LinearConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
-
-# Allowed values of string keys, checked by validate().
-CHOICES = {
-    "data.name": DATASETS,
-    "data.pipeline": ("auto", "batched", "crops", "dali", "pil"),
-    "model.pos_embed": ("sincos", "learned", "none"),
-    "model.pool": ("token", "avg"),
-    "model.mlp_norm": ("layernorm", "batchnorm"),
-    "model.patch_norm": ("none", "batchnorm", "weightnorm"),
-    "moco.momentum_schedule": ("cosine", "constant"),
-    "optim.lr_scaling": ("linear", "sqrt", "none"),
-    "optim.weight_decay_policy": ("all", "exclude_1d", "exclude_1d_tokens"),
-    "optim.trust_ratio_policy": ("exclude_1d", "all"),
-    "optim.grad_clip_mode": ("norm", "first_layer", "agc"),
-    "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
-    "train.host_reads": ("auto", "step", "log"),
-    "finetune.host_reads": ("auto", "step", "log"),
-    "mixed_precision": ("auto", "no", "bf16", "fp16"),
-    "knn.backend": ("auto", "faiss", "torch"),
-    "linear.mode": ("cached", "full"),
-    "finetune.optim.lr_scaling": ("linear", "sqrt", "none"),
-    "finetune.optim.weight_decay_policy": ("all", "exclude_1d", "exclude_1d_tokens"),
-    "finetune.optim.trust_ratio_policy": ("exclude_1d", "all"),
-    "finetune.optim.grad_clip_mode": ("norm", "first_layer", "agc"),
-}
-# Keys that must be > 0 and >= 0.
-POSITIVE = ("data.cache_max_gb", "train.epochs", "train.batch_size", "optim.base_lr", "moco.temperature",
-            "data.image_size",
-            "model.hidden_dim", "model.out_dim", "batch_size", "knn.k", "knn.temperature", "linear.epochs",
-            "linear.batch_size", "linear.base_lr", "finetune.epochs", "finetune.batch_size", "finetune.optim.base_lr",
-            "finetune.layer_decay", "optim.eps", "finetune.optim.eps", "stability.nonfinite_patience",
-            "stability.rollback_lr_factor", "stability.spike_factor", "stability.spike_window",
-            "stability.spike_min_history", "train.log_every", "finetune.log_every", "train.query_chunks",
-            "finetune.stability.nonfinite_patience", "finetune.stability.rollback_lr_factor",
-            "finetune.stability.spike_factor", "finetune.stability.spike_window", "finetune.stability.spike_min_history")
-NON_NEGATIVE = ("optim.weight_decay", "train.warmup_epochs", "data.subset", "data.num_workers", "data.holdout_per_class",
-                "train.save_every", "train.save_every_steps", "optim.grad_clip", "train.stop_at_step",
-                "monitor.knn_every", "test_subset", "init_seed", "linear.weight_decay", "finetune.warmup_epochs",
-                "finetune.optim.weight_decay", "finetune.drop_path", "finetune.label_smoothing", "finetune.mixup",
-                "finetune.cutmix", "finetune.mixup_prob", "finetune.ema_decay", "optim.sam.rho", "finetune.optim.sam.rho",
-                "optim.momentum", "finetune.optim.momentum", "moco.momentum", "optim.trust_coefficient",
-                "finetune.optim.weight_decay_end", "optim.weight_decay_end", "finetune.optim.grad_clip",
-                "stability.max_rollbacks", "stability.dip_drop", "finetune.stability.max_rollbacks",
-                "finetune.stability.dip_drop")
 
 # Free-form mappings inside the schema (any key allowed).
 OPEN_KEYS = ("model.backbone_kwargs", "optim.kwargs", "finetune.optim.kwargs", "optim.per_optimizer",
@@ -531,25 +563,56 @@ def _get(cfg, key):
     return node
 
 
-def validate(cfg: DictConfig) -> None:
-    for key, allowed in CHOICES.items():
-        value = _get(cfg, key)
-        if value is not None and value not in allowed:
-            raise UserError(f"{key}={value!r} is not valid; choose one of: {', '.join(allowed)}")
-    for key in POSITIVE:
-        value = _get(cfg, key)
-        if value is not None and not value > 0:
-            raise UserError(f"{key} must be > 0, got {value}")
-    for key in NON_NEGATIVE:
-        value = _get(cfg, key)
-        if value is not None and value < 0:
-            raise UserError(f"{key} must be >= 0, got {value}")
-    for key in ("optim", "finetune.optim"):
-        node = _get(cfg, key)
+def declarations(schema, prefix: str = "") -> Iterator[Tuple[str, dataclasses.Field, Any]]:
+    """(dotted key, its dataclass field, its type) of every key of ``schema``, sections walked in order."""
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from declarations(tp, prefix + f.name + ".")
+        else:
+            yield prefix + f.name, f, tp
+
+
+def _check(key: str, value, meta) -> None:
+    if meta.get("choices") and value not in meta["choices"]:
+        raise UserError(f"{key}={value!r} is not valid; choose one of: {', '.join(meta['choices'])}")
+    values = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        for name, sign, ok in BOUNDS:
+            if meta.get(name) is not None and not ok(v, meta[name]):
+                raise UserError(f"{key} must be {sign} {meta[name]:g}, got {value}")
+
+
+def validate(cfg: DictConfig, schema=None) -> None:
+    """Every declared choice and bound (see :func:`key`), then the optimizer settings against the table."""
+    schema = schema or OmegaConf.get_type(cfg)
+    for k, f, _ in declarations(schema):
+        value = _get(cfg, k)
+        if value is not None and f.metadata:
+            _check(k, value, f.metadata)
+    for k in ("optim", "finetune.optim"):
+        node = _get(cfg, k)
         if node is not None:
             from .optim.registry import check_per_optimizer, resolve
-            check_per_optimizer(node.per_optimizer, key)
-            resolve(node, key, warn=False)  # unknown names, missing lr / wd, betas of the wrong length
+            check_per_optimizer(node.per_optimizer, k)
+            resolve(node, k, warn=False)  # unknown names, missing lr / wd, betas of the wrong length
+
+
+def describe(schema) -> str:
+    """``--help-config``: every key with its type, default, values and bounds, and its documentation."""
+    out = []
+    for k, f, tp in declarations(schema):
+        m = f.metadata
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        facts = [_type_name(tp), f"default {OmegaConf.to_yaml({'v': default}).strip()[3:] or 'null'}"]
+        if m.get("choices"):
+            facts.append("one of " + " | ".join(m["choices"]))
+        facts += [f"{sign} {m[name]:g}" for name, sign, _ in BOUNDS if m.get(name) is not None]
+        out.append(f"{k} ({'; '.join(facts)})\n    {m.get('help', '')}")
+    return "\n".join(out)
 
 
 def to_dict(cfg: DictConfig) -> Dict[str, Any]:

@@ -96,3 +96,52 @@ def test_mixed_precision_no_survives_yaml_booleans():
     assert config.load(P, [], ["train.mixed_precision=no"]).train.mixed_precision == "no"
     assert config.load(config.EvalConfig, [], ["mixed_precision=no"]).mixed_precision == "no"
     assert config.load(P, [], ["train.mixed_precision=bf16"]).train.mixed_precision == "bf16"
+
+
+def _numeric(tp):
+    import typing
+    args = typing.get_args(tp) or (tp,)
+    inner = [typing.get_args(a)[0] if typing.get_origin(a) is list else a for a in args]
+    return any(a in (int, float) for a in inner) and not any(typing.get_origin(a) is dict for a in args)
+
+
+@pytest.mark.parametrize("schema", [config.PretrainConfig, config.EvalConfig], ids=["pretrain", "eval"])
+def test_every_key_is_declared_once_with_help_and_every_numeric_key_is_bounded(schema):
+    keys = list(config.declarations(schema))
+    assert len(keys) == len(config.schema_keys(schema)) > 60
+    assert all(f.metadata.get("help") for _, f, _ in keys), [k for k, f, _ in keys if not f.metadata.get("help")]
+    unbounded = [k for k, f, tp in keys if _numeric(tp) and not any(f.metadata.get(b) is not None
+                                                                  for b in ("gt", "ge", "lt", "le"))]
+    assert not unbounded, f"numeric keys without a bound: {unbounded}"
+    text = config.describe(schema)
+    assert all(text.count(f"\n{k} (") + text.startswith(f"{k} (") == 1 for k, _, _ in keys)
+
+
+def test_declared_bounds_and_choices_hold_for_both_twins():
+    E = config.EvalConfig
+    with pytest.raises(UserError, match="moco.momentum must be < 1, got 1.0"):
+        config.load(P, [], ["moco.momentum=1.0"])
+    with pytest.raises(UserError, match="optim.min_lr_ratio must be <= 1"):
+        config.load(P, [], ["optim.min_lr_ratio=2"])
+    with pytest.raises(UserError, match=r"knn.ks must be > 0, got \[10, -1\]"):
+        config.load(E, [], ["knn.ks=[10,-1]"])
+    # one declaration serves optim and finetune.optim, stability and finetune.stability
+    with pytest.raises(UserError, match="finetune.optim.base_lr must be > 0"):
+        config.load(E, [], ["finetune.optim.base_lr=0"])
+    with pytest.raises(UserError, match="finetune.stability.rollback_lr_factor must be <= 1"):
+        config.load(E, [], ["finetune.stability.rollback_lr_factor=2"])
+    with pytest.raises(UserError, match="finetune.host_reads='often' is not valid; choose one of: auto, step, log"):
+        config.load(E, [], ["finetune.host_reads=often"])
+    assert config.load(E, [], ["finetune.optim.base_lr=0.1"]).finetune.optim.base_lr == 0.1
+
+
+def test_help_config_lists_keys_with_their_facts():
+    import subprocess
+    import sys
+    from conftest import REPO
+    r = subprocess.run([sys.executable, "tools/pretrain.py", "--help-config"], capture_output=True, text=True,
+                       cwd=REPO, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "train.batch_size (int; default 256; > 0)\n    Global batch size over all processes" in r.stdout
+    assert "train.host_reads (str; default auto; one of auto | step | log)" in r.stdout
+    assert "moco.momentum (float; default 0.99; >= 0; < 1)" in r.stdout

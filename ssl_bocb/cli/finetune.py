@@ -13,5 +13,5 @@ from ssl_bocb.tasks import run_finetune
 
 @cli_main
 def main(argv=None):
-    files, overrides, _ = parse_args("Fine-tune a backbone on a labelled downstream dataset", argv)
+    files, overrides, _ = parse_args("Fine-tune a backbone on a labelled downstream dataset", argv, config.EvalConfig)
     run_finetune(config.load(config.EvalConfig, files, overrides))

@@ -12,5 +12,6 @@ from ssl_bocb.eval.stages import run_knn
 
 @cli_main
 def main(argv=None):
-    files, overrides, _ = parse_args("kNN evaluation (DINO protocol) of a pretrained or random-init backbone", argv)
+    files, overrides, _ = parse_args("kNN evaluation (DINO protocol) of a pretrained or random-init backbone",
+                                     argv, config.EvalConfig)
     run_knn(config.load(config.EvalConfig, files, overrides))

@@ -12,5 +12,6 @@ from ssl_bocb.eval.stages import run_linprobe
 
 @cli_main
 def main(argv=None):
-    files, overrides, _ = parse_args("Linear-probe evaluation (MoCo v3 protocol; cached or full) of a pretrained or random-init backbone", argv)
+    files, overrides, _ = parse_args("Linear-probe evaluation (MoCo v3 protocol; cached or full) of a pretrained or random-init backbone",
+                                     argv, config.EvalConfig)
     run_linprobe(config.load(config.EvalConfig, files, overrides))

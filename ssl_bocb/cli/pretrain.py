@@ -12,6 +12,6 @@ from ssl_bocb.errors import cli_main
 
 @cli_main
 def main(argv=None):
-    files, overrides, name = parse_args("MoCo v3 self-supervised pretraining", argv)
+    files, overrides, name = parse_args("MoCo v3 self-supervised pretraining", argv, config.PretrainConfig)
     cfg = config.load(config.PretrainConfig, files, overrides)
     pretrain(cfg, name)

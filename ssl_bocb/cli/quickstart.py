@@ -15,7 +15,8 @@ from ssl_bocb.errors import cli_main
 
 @cli_main
 def main(argv=None):
-    files, overrides, name = parse_args("Quickstart: pretrain, then kNN and linear probe vs random init", argv)
+    files, overrides, name = parse_args("Quickstart: pretrain, then kNN and linear probe vs random init",
+                                        argv, config.PretrainConfig)
     files = files or [os.path.join(ROOT, "configs", "quickstart.yaml")]
     name = name if name != "run" else "quickstart"
     quickstart.run(config.load(config.PretrainConfig, files, overrides), name)
