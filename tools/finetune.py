@@ -1,9 +1,7 @@
 #!/usr/bin/env python
 """Fine-tune a pretrained (or random-init) backbone on a downstream dataset.
 
-    python tools/finetune.py --config configs/eval/imagenette64.yaml checkpoint=runs/quickstart-<time>
-    accelerate launch tools/finetune.py --config configs/eval/imagenette64.yaml checkpoint=<run> \
-        finetune.optim.name=lars finetune.optim.base_lr=0.1
+Usage and options: ssl_bocb/cli/finetune.py (or --help).
 """
 import os
 import sys

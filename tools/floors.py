@@ -1,8 +1,7 @@
 #!/usr/bin/env python
 """The floors of a study: kNN of raw normalised pixels and of each backbone at random init (mean over init seeds),
-read with exactly the sweep's val_knn / knn evaluation; writes floors.json beside its committed results.
 
-    python tools/floors.py configs/sweeps/<study>.yaml data.root=../shared/data [--init-seeds 0 1 2]
+Usage and options: ssl_bocb/cli/floors.py (or --help).
 """
 import os
 import sys

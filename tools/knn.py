@@ -1,8 +1,7 @@
 #!/usr/bin/env python
 """kNN evaluation (DINO protocol) of a pretrained or random-init backbone.
 
-    python tools/knn.py checkpoint=runs/quickstart-<time> data.root=../shared/data
-    accelerate launch tools/knn.py --config configs/eval/cifar10.yaml checkpoint=<run> [key=value ...]
+Usage and options: ssl_bocb/cli/knn.py (or --help).
 """
 import os
 import sys

@@ -1,8 +1,7 @@
 #!/usr/bin/env python
 """Linear-probe evaluation (MoCo v3 protocol; cached or full) of a pretrained or random-init backbone.
 
-    python tools/linprobe.py checkpoint=runs/quickstart-<time> linear.mode=full
-    accelerate launch tools/linprobe.py --config configs/eval/cifar10.yaml checkpoint=<run> [key=value ...]
+Usage and options: ssl_bocb/cli/linprobe.py (or --help).
 """
 import os
 import sys

@@ -1,9 +1,5 @@
 #!/usr/bin/env python
-"""MoCo v3 pretraining.
-
-    accelerate launch tools/pretrain.py --config configs/cifar10_resnet18.yaml [key=value ...]
-    python tools/pretrain.py --config configs/quickstart.yaml          # one process, no launcher needed
-"""
+"""MoCo v3 pretraining. Usage and options: ssl_bocb/cli/pretrain.py (or --help)."""
 import os
 import sys
 

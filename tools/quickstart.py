@@ -1,9 +1,7 @@
 #!/usr/bin/env python
 """The quickstart job: MoCo v3 pretraining, then kNN and a cached linear probe of the result and of the same
-backbone at random init, printed side by side.
 
-    python tools/quickstart.py                       # configs/quickstart.yaml
-    python tools/quickstart.py --config configs/quickstart.yaml train.epochs=1
+Usage and options: ssl_bocb/cli/quickstart.py (or --help).
 """
 import os
 import sys
