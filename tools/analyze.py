@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""BOCB analysis: a finished sweep (or any CSV of backbone, optimizer, seed, lr, wd, score rows) -> report.md,
+"""BOCB analysis: a finished sweep or a CSV of scores -> report.md, report.html, figures and bocb.json.
 
 Usage and options: ssl_bocb/cli/analyze.py (or --help).
 """

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The floors of a study: kNN of raw normalised pixels and of each backbone at random init (mean over init seeds),
+"""The floors of a study: kNN of raw pixels and of each backbone at random init -> floors.json.
 
 Usage and options: ssl_bocb/cli/floors.py (or --help).
 """

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The quickstart job: MoCo v3 pretraining, then kNN and a cached linear probe of the result and of the same
+"""The quickstart job: MoCo v3 pretraining, then kNN and a linear probe against the same backbone at random init.
 
 Usage and options: ssl_bocb/cli/quickstart.py (or --help).
 """
