@@ -50,6 +50,7 @@ class CellJob(submitit.helpers.Checkpointable):
                 proc.wait(timeout=STOP_WAIT_S)
             except subprocess.TimeoutExpired:
                 proc.kill()
+                proc.wait()
         return submitit.helpers.DelayedSubmission(CellJob(self.sweep_path, self.extra, self.seeds), cell_id)
 
     def __getstate__(self):

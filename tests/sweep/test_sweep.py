@@ -278,10 +278,16 @@ def test_cell_job_checkpoint_stops_the_stage_and_requeues_the_same_cell(tmp_path
     import submitit
     from ssl_bocb.sweep.slurm import CellJob
     job = CellJob(write_sweep(tmp_path), [])
-    job._track(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]))
-    proc = job._proc
+    # a stand-in for a stage, started with SIGINT ignored (as a shell script's background job) and listening as the
+    # tools do; it says when it listens, so that the stop request cannot come before
+    code = ("import signal, sys, time; from ssl_bocb.errors import listen_to_interrupts; listen_to_interrupts(); "
+            "print('ready', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=REPO,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert proc.stdout.readline().strip() == "ready"
+    job._track(proc)
     delayed = job.checkpoint("sgd__s0")
-    assert proc.poll() is not None  # the running stage was stopped
+    assert proc.poll() is not None and proc.returncode != -signal.SIGKILL  # stopped by SIGINT, not killed
     assert isinstance(delayed, submitit.helpers.DelayedSubmission) and delayed.args == ("sgd__s0",)
     assert isinstance(delayed.function, CellJob) and delayed.function.sweep_path == job.sweep_path
 
