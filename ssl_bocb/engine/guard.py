@@ -201,18 +201,16 @@ class Guard:
         self.reads = (WindowReads if host_reads == "log" else StepReads)(model, optimizer, accelerator, extra_modules)
         self.deferred = self.reads.deferred
         self.patience = patience
-        self.streak, self.first_bad, self.last_applied = 0, 0, True
+        self.streak, self.first_bad = 0, 0
 
     # --- checkpoint state ------------------------------------------------------------------------------------------
     def state(self) -> Dict:
-        return dict(nonfinite_streak=self.streak, nonfinite_streak_start=self.first_bad,
-                    last_step_applied=self.last_applied)
+        return dict(nonfinite_streak=self.streak, nonfinite_streak_start=self.first_bad)
 
     def load(self, meta: Dict) -> None:
         """From a checkpoint's meta (older checkpoints without the guard's keys start a fresh streak)."""
         if "events" in meta:
             self.streak = meta.get("nonfinite_streak", 0)
-            self.last_applied = meta.get("last_step_applied", True)
             self.first_bad = meta.get("nonfinite_streak_start", meta["step"] - self.streak + 1)
 
     # --- the reads -------------------------------------------------------------------------------------------------
@@ -224,8 +222,6 @@ class Guard:
 
     def submit(self, step: int, vec: torch.Tensor, sched: Dict, read_point: bool,
                after_applied: Callable[[int], None]) -> Optional[List[Outcome]]:
-        if self.deferred:
-            self.last_applied = True
         return self.reads.submit(step, vec, sched, read_point, after_applied)
 
     def flush(self) -> List[Outcome]:
@@ -243,12 +239,10 @@ class Guard:
         if o.status == "nonfinite":
             self.streak += 1
             self.first_bad = o.step if self.streak == 1 else self.first_bad
-            self.last_applied = self.deferred  # a deferred window is restored to its start, EMA included
             return ROLL_BACK if self.streak >= self.patience else SKIPPED
         if o.status == "overflow":
-            self.last_applied = False
             return NOTHING
-        self.streak, self.last_applied = 0, True
+        self.streak = 0
         return APPLIED
 
     def protected(self, run_dir: str) -> Optional[str]:
@@ -281,5 +275,5 @@ class Guard:
         log.warning("rolled back from step %d to %s after %d non-finite steps in a row; lr x%g from here on "
                     "(rollback %d of at most %d)", at_step, good, self.streak, events.lr_scale, n + 1,
                     stability.max_rollbacks)
-        self.streak, self.last_applied = 0, back.get("last_step_applied", True)
+        self.streak = 0
         return dict(back, path=good)

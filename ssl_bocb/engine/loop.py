@@ -85,9 +85,9 @@ class Task(abc.ABC):
     others, whose defaults do nothing:
 
     - ``extra_schedule(step, total)``: values scheduled besides lr and wd (MoCo's momentum), logged with them;
-    - ``before_forward(step, sched, previous_applied)``: before each forward, told whether the step before was
-      applied (MoCo updates its momentum encoder here: MoCo v3 Alg. 1 does the EMA first, then the keys);
-    - ``after_applied(step)``: right after an optimizer step is applied (a fine-tune's weight EMA);
+    - ``after_applied(step)``: right after an optimizer step is applied, ``step`` counting it (MoCo's momentum
+      encoder, a fine-tune's weight EMA); the one way for a task to act on a step: a skipped step does not call it,
+      and an undone window or a rollback puts back the state it changed (``snapshot_modules``, checkpoints);
     - ``epoch_end(epoch, step)``: values for the epoch's log row (the kNN monitor, validation top-1);
     - ``snapshot_modules()``, ``checkpoint_extra()``, ``load_extra(path)``: state besides the model and optimizer;
     - for ``engine.run.run_task``: ``loop_settings()`` (required there), ``resume(path, meta)``, ``log_setup(folder,
@@ -109,9 +109,6 @@ class Task(abc.ABC):
 
     def extra_schedule(self, step: int, total_steps: int) -> Dict[str, float]:
         return {}
-
-    def before_forward(self, step: int, sched: Dict[str, float], previous_applied: bool) -> None:
-        pass
 
     @abc.abstractmethod
     def loss_fn(self, inputs) -> Callable[[], torch.Tensor]:
@@ -271,7 +268,6 @@ class TrainLoop:
         inputs, n_bad = t.prepare(batch, epoch)
         self.sched = sched = self.schedule(self.step)
         schedules.set_group_values(self.optimizer, sched["lr"], sched["wd"])
-        t.before_forward(self.step, sched, self.guard.last_applied)
         self.guard.before_step()
         loss, gvec = compute_gradients(t.model, self.optimizer, self.acc, self.params, t.loss_fn(inputs),
                                        t.step_settings, self.norms)

@@ -157,6 +157,7 @@ class PretrainTask(Task):
         self.unwrapped = accelerator.unwrap_model(self.model)
         self.config = config_mod.to_dict(cfg)
         self.derived = self._derived(per_device)
+        self._first_momentum_update()
         self.monitor = None
         if cfg.monitor.knn_every > 0:
             from ..eval.monitor import KnnMonitor
@@ -208,6 +209,28 @@ class PretrainTask(Task):
                         "other augmentations (set data.pipeline=%s for an exact continuation)", was, self.data.kind,
                         was)
         ckpt.load_checkpoint(self.accelerator, path)
+        self._catch_up_momentum(meta)
+
+    def load_extra(self, path: str) -> None:
+        """After a rollback: a checkpoint of the older format is brought to the current one."""
+        self._catch_up_momentum(ckpt.read_meta(path))
+
+    # --- the momentum encoder --------------------------------------------------------------------------------------
+    def _momentum_update(self, step: int) -> None:
+        """theta_k <- m * theta_k + (1 - m) * theta_q with the momentum scheduled for ``step``."""
+        if self.unwrapped.has_momentum_encoder:
+            self.unwrapped.update_momentum(self.extra_schedule(step, self.derived["total_steps"])["momentum"])
+
+    def _first_momentum_update(self) -> None:
+        """MoCo v3 updates the key encoder before step 0's keys too (two equal copies then; the update only rounds).
+        A resumed run's checkpoint replaces it."""
+        self._momentum_update(0)
+
+    def _catch_up_momentum(self, meta: dict) -> None:
+        """Checkpoints written before the update moved to after each step (they carry ``last_step_applied``) hold the
+        key encoder before the next step's update: it is done here, so that they continue exactly."""
+        if meta.get("last_step_applied", False):
+            self._momentum_update(meta["step"])
 
     # --- the loop's hooks ------------------------------------------------------------------------------------------
     def prepare(self, batch, epoch: int):
@@ -222,9 +245,14 @@ class PretrainTask(Task):
         return dict(momentum=schedules.momentum(step, total_steps, m.momentum, m.momentum_schedule)
                     if self.unwrapped.has_momentum_encoder else 0.0)
 
-    def before_forward(self, step: int, sched: Dict[str, float], previous_applied: bool) -> None:
-        if previous_applied:  # EMA first, then the keys (MoCo v3 Alg. 1); once per applied optimizer step
-            self.unwrapped.update_momentum(sched["momentum"])
+    def after_applied(self, step: int) -> None:
+        """The momentum encoder's EMA, once per applied optimizer step, with the momentum of the step to come.
+
+        MoCo v3 (Alg. 1) updates the key encoder at the start of each iteration, before its keys. Done right after
+        the step before instead, the sequence of updates is the same, a checkpoint holds the key encoder the next
+        step will use, and a skipped or undone step skips its update with nothing else to track. The update before
+        the very first step is done when the task is built (:meth:`_first_momentum_update`)."""
+        self._momentum_update(step)
 
     def loss_fn(self, inputs):
         x1, x2 = inputs

@@ -4,6 +4,7 @@ import math
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import safetensors.torch
@@ -249,3 +250,19 @@ def test_pretraining_runs_on_the_gpu_accelerate_picks(tmp_path):
     rows = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     assert all(math.isfinite(r["loss"]) for r in rows) and rows[-1]["peak_mem_mb"] > 0
 
+
+
+def test_a_checkpoint_of_the_older_format_gets_the_momentum_update_it_was_owed():
+    """Older checkpoints hold the key encoder before the next step's update (``last_step_applied`` in the meta); the
+    current ones after it. Loading an older one does that update, with the momentum of the step to come."""
+    from ssl_bocb.tasks.pretrain import PretrainTask
+    calls = []
+    fake = SimpleNamespace(unwrapped=SimpleNamespace(has_momentum_encoder=True, update_momentum=calls.append),
+                           derived=dict(total_steps=10),
+                           extra_schedule=lambda step, total: dict(momentum=step / total))
+    fake._momentum_update = lambda step: PretrainTask._momentum_update(fake, step)
+    PretrainTask._catch_up_momentum(fake, dict(step=4, last_step_applied=True))
+    assert calls == [0.4]
+    PretrainTask._catch_up_momentum(fake, dict(step=4, last_step_applied=False))  # a skipped step: nothing owed
+    PretrainTask._catch_up_momentum(fake, dict(step=4))  # the current format: nothing owed
+    assert calls == [0.4]

@@ -35,13 +35,12 @@ def test_judge_counts_a_streak_and_asks_for_a_rollback_at_the_patience():
     g = Guard("step", bn_model(), None, accelerator(), patience=3)
     assert [g.judge(out(1, 1.0)), g.judge(out(2, math.nan, "nonfinite")), g.judge(out(3, math.nan, "nonfinite"))] \
         == [APPLIED, SKIPPED, SKIPPED]
-    assert (g.streak, g.first_bad, g.last_applied) == (2, 2, False)
+    assert (g.streak, g.first_bad) == (2, 2)
     assert g.judge(out(4, 1.0, "overflow")) == NOTHING and g.streak == 2  # an fp16 skip neither ends nor extends it
     assert g.judge(out(5, math.nan, "nonfinite")) == ROLL_BACK and g.first_bad == 2
-    assert g.judge(out(6, 1.0)) == APPLIED and (g.streak, g.last_applied) == (0, True)
+    assert g.judge(out(6, 1.0)) == APPLIED and g.streak == 0
     g2 = Guard("log", bn_model(), torch.optim.SGD(bn_model().parameters(), 0.1), accelerator(), patience=2)
     assert g2.judge(out(1, math.nan, "nonfinite")) == SKIPPED
-    assert g2.last_applied  # an undone window is back at its start, the momentum update of its start included
     assert g2.judge(out(2, 1.0, "undone")) == NOTHING and g2.streak == 1
     assert g2.judge(out(3, 1.0, "ignored")) == NOTHING
 
@@ -52,10 +51,10 @@ def test_guard_state_survives_a_checkpoint():
     meta = dict(step=7, events={}, **g.state())
     h = Guard("step", bn_model(), None, accelerator())
     h.load(meta)
-    assert (h.streak, h.first_bad, h.last_applied) == (1, 7, False)
+    assert (h.streak, h.first_bad) == (1, 7)
     old = Guard("step", bn_model(), None, accelerator())
     old.load(dict(step=7))  # a checkpoint from before the guard: a fresh streak
-    assert (old.streak, old.last_applied) == (0, True)
+    assert (old.streak, old.first_bad) == (0, 0)
 
 
 def test_step_reads_skip_a_nonfinite_step_and_put_the_batchnorm_statistics_back():
@@ -105,7 +104,7 @@ def test_roll_back_returns_to_the_sound_checkpoint_before_the_streak(monkeypatch
     asked = []
     monkeypatch.setattr(guard_mod.ckpt, "newest_sound_checkpoint",
                         lambda run_dir, before_step=None: asked.append(before_step) or str(tmp_path / "step-4"))
-    monkeypatch.setattr(guard_mod.ckpt, "load_checkpoint", lambda acc, path: dict(step=4, last_step_applied=True))
+    monkeypatch.setattr(guard_mod.ckpt, "load_checkpoint", lambda acc, path: dict(step=4))
     diverged = []
     back = g.roll_back(None, str(tmp_path), 6, events, stability, "optim", lambda: diverged.append(1))
     assert back["step"] == 4 and back["path"].endswith("step-4") and asked == [5]
@@ -153,9 +152,6 @@ class Recorder(Task):
     def extra_schedule(self, step, total_steps):
         return dict(ramp=step / total_steps)
 
-    def before_forward(self, step, sched, previous_applied):
-        self.calls.append(("before_forward", step, sched["ramp"], previous_applied))
-
     def loss_fn(self, inputs):
         x, y = inputs
         scale = math.nan if len([c for c in self.calls if c[0] == "prepare"]) in self.poison else 1.0
@@ -165,7 +161,7 @@ class Recorder(Task):
         return fn
 
     def after_applied(self, step):
-        self.calls.append(("after_applied", step))
+        self.calls.append(("after_applied", step, self.unwrapped.weight.detach().clone()))
 
     def epoch_end(self, epoch, step):
         self.calls.append(("epoch_end", epoch, step))
@@ -184,11 +180,13 @@ def test_loop_calls_the_hooks_in_order_and_logs_the_epoch_values(tmp_path):
     loop = loop_for(task)
     assert loop.run() == "finished" and loop.step == 8
     kinds = [c[0] for c in task.calls]
-    assert kinds[:4] == ["prepare", "before_forward", "after_applied", "prepare"]
+    assert kinds[:3] == ["prepare", "after_applied", "prepare"]
     assert [c for c in task.calls if c[0] == "epoch_end"] == [("epoch_end", 0, 4), ("epoch_end", 1, 8)]
-    fwd = [c for c in task.calls if c[0] == "before_forward"]
-    assert [c[1] for c in fwd] == list(range(8)) and [c[2] for c in fwd] == [s / 8 for s in range(8)]
-    assert [c[1] for c in task.calls if c[0] == "after_applied"] == list(range(1, 9))
+    applied = [c for c in task.calls if c[0] == "after_applied"]
+    assert [c[1] for c in applied] == list(range(1, 9))
+    # called after the update: each call sees new weights, and the last call the final ones
+    assert all(not torch.equal(a[2], b[2]) for a, b in zip(applied, applied[1:]))
+    assert torch.equal(applied[-1][2], task.unwrapped.weight)
     from ssl_bocb.files import read_jsonl
     epochs = read_jsonl(str(tmp_path / "log.jsonl"))
     assert [r["val_top1"] for r in epochs] == [50.0, 51.0] and "ramp" in epochs[0]
@@ -198,9 +196,7 @@ def test_loop_tells_the_task_a_skipped_step_was_not_applied(tmp_path):
     task = Recorder(accelerator(), str(tmp_path), poison={2})
     loop = loop_for(task)
     assert loop.run() == "finished"
-    fwd = [c for c in task.calls if c[0] == "before_forward"]
-    assert [c[3] for c in fwd[:4]] == [True, True, False, True]  # the step after the skipped one
-    assert 2 not in [c[1] for c in task.calls if c[0] == "after_applied"]
+    assert [c[1] for c in task.calls if c[0] == "after_applied"] == [1, 3, 4, 5, 6, 7, 8]  # not the skipped step
     assert loop.events.counts["nonfinite_steps"] == 1
 
 
@@ -212,7 +208,7 @@ def test_train_step_is_the_loops_step(tmp_path):
     [o] = loop.train_step(batch, 0)
     assert loop.step == 1 and o.status is None and math.isfinite(o.values[0])
     assert not torch.equal(w0, task.unwrapped.weight)
-    assert [c[0] for c in task.calls] == ["prepare", "before_forward", "after_applied"]
+    assert [c[0] for c in task.calls] == ["prepare", "after_applied"]
 
 
 def test_a_task_that_breaks_the_contract_fails_in_one_line(tmp_path):

@@ -73,12 +73,12 @@ def test_a_non_finite_step_is_skipped_counted_and_changes_no_weight(tmp_path, na
     before, after = os.path.join(full, "checkpoints", "step-00000002"), ckpt.latest_checkpoint(out)
     assert os.path.basename(after) == "step-00000003"
     w0, w1 = _state(before, "model.safetensors"), _state(after, "model.safetensors")
-    base = [k for k in w0 if not k.startswith("momentum_")]
-    assert base and all(torch.equal(w0[k], w1[k]) for k in base)  # no optimizer update from the NaN step
+    assert any(k.startswith("momentum_") for k in w0) and w0.keys() == w1.keys()
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)  # no optimizer step and no momentum update from the NaN step
     o0, o1 = _state(before, "optimizer.bin")["state"], _state(after, "optimizer.bin")["state"]
     assert o0.keys() == o1.keys() and all(torch.equal(o0[i][k], o1[i][k]) for i in o0 for k in o0[i])
     meta = ckpt.read_meta(after)
-    assert meta["nonfinite_streak"] == 1 and meta["last_step_applied"] is False
+    assert meta["nonfinite_streak"] == 1 and "last_step_applied" not in meta
     s = summary(out)
     assert s["events"]["nonfinite_steps"] == 1 and s["nonfinite_steps_list"][0]["step"] == 3
     assert s["status"] == "stopped" and s["events"]["rollbacks"] == 0
