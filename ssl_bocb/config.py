@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
@@ -16,6 +15,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from . import recipes
 from .errors import UserError
 
 DATASETS = ("cifar10", "cifar100", "stl10", "imagefolder", "imagenette", "fake")
@@ -30,8 +30,8 @@ def key(default: Any = None, *, help: str, factory: Optional[Callable[[], Any]] 
         lt: Optional[float] = None, le: Optional[float] = None):
     """One config key, declared once: its default (or ``factory`` for a list or mapping), its documentation, the
     values it takes (``choices``) and its bounds (each element's, for a list). Validation, the defaults,
-    ``--help-config`` and the README's key tables (tests/test_docs.py) all read this. A section used twice (optim and
-    finetune.optim, stability and finetune.stability) is one declaration."""
+    ``--help-config`` and the key tables of docs/config.md (tests/test_docs.py) all read this. A section used twice
+    (optim and finetune.optim, stability and finetune.stability) is one declaration."""
     meta = dict(help=help, choices=tuple(choices) if choices else None, gt=gt, ge=ge, lt=lt, le=le)
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
@@ -245,7 +245,7 @@ class TrainConfig:
               "tens of times slower.")
     channels_last: Optional[bool] = key(None,
               help="Channels-last memory format for the model and its inputs. null = auto: on for convolutional "
-              "backbones (on the CPU it was measured faster, see README \"Performance\"), off for ViTs.")
+              "backbones (on the CPU it was measured faster, see docs/performance.md), off for ViTs.")
     compile: Optional[bool] = key(None,
               help="torch.compile the encoders, projector and predictor. null = auto: off (compiling cost 50-80 s "
               "on 2 CPU cores for no gain over channels-last; not measured on GPUs). Not with Hessian optimizers "
@@ -493,7 +493,7 @@ def _merge(base: DictConfig, other: DictConfig, source: str, schema) -> DictConf
     except ConfigKeyError as e:
         key = str(e.full_key or e.key)
         hint = nearest_key(key, schema)
-        fix = f"did you mean '{hint}'?" if hint else "see README.md for the valid keys"
+        fix = f"did you mean '{hint}'?" if hint else "--help-config lists the valid keys"
         raise UserError(f"unknown config key '{key}' in {source}; {fix}") from None
     except ValidationError as e:
         key = str(e.full_key or e.key)
@@ -517,9 +517,8 @@ def load(schema, files: List[str] = (), overrides: List[str] = (), open_keys=OPE
     cfg = OmegaConf.structured(schema)
     OmegaConf.set_struct(cfg, True)
     _open(cfg, open_keys)
-    for path in files:
-        if not os.path.isfile(path):
-            raise UserError(f"config file '{path}' does not exist; check the path passed to --config")
+    for given in files:
+        path = recipes.find(given)
         try:
             part = OmegaConf.load(path)
         except Exception as e:  # yaml.YAMLError and friends

@@ -12,7 +12,7 @@ PACKAGE = os.path.join(REPO, "ssl_bocb")
 # lowest first; a module may import its own package and any package of a lower layer, never a higher one
 LAYERS = [
     {"errors"},
-    {"files", "dist", "device"},
+    {"files", "dist", "device", "recipes"},
     {"losses", "optim"},
     {"config", "data", "models"},
     {"engine"},
@@ -20,6 +20,7 @@ LAYERS = [
     {"tasks"},
     {"sweep", "quickstart"},
     {"cli"},
+    {"__main__"},
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
 

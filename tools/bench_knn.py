@@ -6,15 +6,11 @@
 Features are clustered random vectors (10 classes), as a stand-in for real backbone features of that size.
 """
 import argparse
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from ssl_bocb.eval.knn import knn_classify  # noqa: E402
+from ssl_bocb.eval.knn import knn_classify
 
 
 def main():

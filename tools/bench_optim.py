@@ -14,22 +14,19 @@ native bf16 emulates (tens of times slower).
 """
 import argparse
 import json
-import os
 import statistics
-import sys
 import time
 import warnings
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
+import torch
+from tqdm.auto import tqdm
 
-from ssl_bocb.engine.step import hessian_pass  # noqa: E402
-from ssl_bocb.errors import UserError, cli_main  # noqa: E402
-from ssl_bocb.models import create_backbone  # noqa: E402
-from ssl_bocb.optim import TABLE, get_entry, param_groups  # noqa: E402
-from ssl_bocb.optim.registry import build_optimizer, resolve_named  # noqa: E402
+from ssl_bocb.engine.step import hessian_pass
+from ssl_bocb.errors import UserError, cli_main
+from ssl_bocb.models import create_backbone
+from ssl_bocb.optim import TABLE, get_entry, param_groups
+from ssl_bocb.optim.registry import build_optimizer, resolve_named
 
 MODELS = {
     "resnet18": dict(name="resnet18", kwargs={}, image=64),

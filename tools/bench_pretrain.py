@@ -33,13 +33,12 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-import torch  # noqa: E402
+import torch
 
-from ssl_bocb import config  # noqa: E402
-from ssl_bocb.errors import UserError, cli_main  # noqa: E402
-from ssl_bocb.optim.schedules import scaled_lr  # noqa: E402
+from ssl_bocb import config
+from ssl_bocb.errors import UserError, cli_main
+from ssl_bocb.optim.schedules import scaled_lr
 
 KINDS = ("data", "step", "e2e")
 # dense bf16 / fp32 (TF32) peak FLOP/s of the GPUs MFU is reported for

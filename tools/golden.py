@@ -28,7 +28,6 @@ import os
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 TIMING = {"images_per_s", "seconds", "peak_mem_mb", "knn_seconds", "feature_cache_hit"}
 PATHS = {"checkpoint"}

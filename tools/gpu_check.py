@@ -30,11 +30,10 @@ import time
 import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-import torch  # noqa: E402
+import torch
 
-from ssl_bocb.errors import UserError, cli_main  # noqa: E402
+from ssl_bocb.errors import UserError, cli_main
 
 FAKE_224 = ["data.name=fake", "data.image_size=224", "data.fake_classes=8", "data.fake_per_class=64",
             "data.num_workers=0", "train.mixed_precision=bf16", "train.epochs=2", "train.warmup_epochs=0",

@@ -19,13 +19,12 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from tqdm.auto import tqdm  # noqa: E402
+from tqdm.auto import tqdm
 
-from ssl_bocb.engine.logs import read_jsonl  # noqa: E402
-from ssl_bocb.errors import UserError, cli_main  # noqa: E402
-from ssl_bocb.optim import TABLE, get_entry  # noqa: E402
+from ssl_bocb.engine.logs import read_jsonl
+from ssl_bocb.errors import UserError, cli_main
+from ssl_bocb.optim import TABLE, get_entry
 
 BOCB_20 = [n for n, e in TABLE.items() if e.family in "abcd"]
 

@@ -1,61 +1,6 @@
 #!/usr/bin/env python
-"""The optimizer table: every optimizer the toolkit runs, its family, source, options and defaults.
-
-    python tools/optimizers.py              # plain text
-    python tools/optimizers.py --markdown   # the README's table
-    python tools/optimizers.py --json       # every field
-"""
-import argparse
-import json
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from ssl_bocb.errors import cli_main  # noqa: E402
-from ssl_bocb.optim.registry import table_rows  # noqa: E402
-
-COLUMNS = ("name", "label", "family", "source", "base_lr", "weight_decay", "options", "weight_decay_kind",
-           "lr_scaling", "trust_ratio", "defaults_from")
-
-
-def _fmt(value) -> str:
-    if isinstance(value, dict):
-        return ", ".join(f"{k}={_fmt(v)}" for k, v in value.items()) or "-"
-    if isinstance(value, (list, tuple)):
-        return "(" + ", ".join(_fmt(v) for v in value) + ")"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value)
-
-
-@cli_main
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--markdown", action="store_true", help="a Markdown table")
-    ap.add_argument("--json", action="store_true", help="all fields as JSON")
-    args = ap.parse_args(argv)
-    rows = table_rows()
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return
-    cells = [[_fmt(r[c]) for c in COLUMNS] for r in rows]
-    if args.markdown:
-        print("| " + " | ".join(COLUMNS) + " |\n|" + " --- |" * len(COLUMNS))
-        for row in cells:
-            print("| " + " | ".join(c.replace("|", "/") for c in row) + " |")
-        return
-    shown = COLUMNS[:-1]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(shown)]
-    print("  ".join(c.ljust(w) for c, w in zip(shown, widths)))
-    for row in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
-    print("\nFamilies: a fixed lr + momentum, b adaptive lr + momentum, c estimated lr + momentum, d adaptive lr with "
-          "the current gradient (BOCB, arXiv 2410.06373, Sec. 3.2); new: after the study.\nDefaults per 256 images "
-          "for MoCo v3 pretraining; --markdown or --json show where each comes from.")
-
+"""The optimizer table. Usage and options: ssl_bocb/cli/optimizers.py (or --help). The same as `ssl-bocb optimizers`."""
+from ssl_bocb.cli.optimizers import main
 
 if __name__ == "__main__":
     main()

@@ -1,5 +1,5 @@
 """Backbone-optimizer coupling bias (BOCB) statistics, as defined in ../shared/SPEC.md section 3 and documented in
-the README ("BOCB analysis"): per-cell means with a confidence interval, the bad-pairing rule (paper Eq. 1 or the
+docs/report.md: per-cell means with a confidence interval, the bad-pairing rule (paper Eq. 1 or the
 t x IQR variant), per-backbone and per-optimizer summaries with the worst result removed, and the one-hot Manhattan
 hyper-parameter distances of Sec. 3.1 / A.3.
 

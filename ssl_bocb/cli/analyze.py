@@ -6,7 +6,7 @@ a self-contained report.html, PNG figures and bocb.json.
     python tools/analyze.py runs/sweeps/cpu_mini --sharpness          # + top Hessian eigenvalue and activity per run
     python tools/analyze.py ../shared/data/bocb_cifar100_best_lr_wd.csv   # the paper's tuned lr / wd: robustness
 
-Rules and definitions: ../shared/SPEC.md section 3 and the README ("BOCB analysis"). The output folder defaults to
+Rules and definitions: ../shared/SPEC.md section 3 and docs/report.md. The output folder defaults to
 <sweep folder>/analysis (or <csv name>-analysis beside the CSV); per-run weight diagnostics are cached there.
 """
 import argparse

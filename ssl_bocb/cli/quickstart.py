@@ -4,10 +4,6 @@ backbone at random init, printed side by side.
     python tools/quickstart.py                       # configs/quickstart.yaml
     python tools/quickstart.py --config configs/quickstart.yaml train.epochs=1
 """
-import os
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout
-
 from ssl_bocb import config, quickstart
 from ssl_bocb.cli import parse_args
 from ssl_bocb.errors import cli_main
@@ -17,6 +13,6 @@ from ssl_bocb.errors import cli_main
 def main(argv=None):
     files, overrides, name = parse_args("Quickstart: pretrain, then kNN and linear probe vs random init",
                                         argv, config.PretrainConfig)
-    files = files or [os.path.join(ROOT, "configs", "quickstart.yaml")]
+    files = files or ["quickstart"]  # the shipped configs/quickstart.yaml
     name = name if name != "run" else "quickstart"
     quickstart.run(config.load(config.PretrainConfig, files, overrides), name)

@@ -46,7 +46,8 @@ def epoch_batches(accelerator, loader, dataset, epoch: int, skip: int):
 
 def check_same_schedule(meta: dict, derived: dict, path: str) -> None:
     """A resumed run must cut its epochs into the same global batches: the step counter, the schedules and the
-    epoch's remaining images are all read off it. (The number of processes may change; see the README.)"""
+    epoch's remaining images are all read off it. (The number of processes may change; see docs/reliability.md,
+    "Checkpoints and resuming".)"""
     saved = meta.get("derived", {})
     old = (saved.get("steps_per_epoch", meta.get("steps_per_epoch")), saved.get("total_steps"))
     new = (derived["steps_per_epoch"], derived["total_steps"])
@@ -261,9 +262,9 @@ class TrainLoop:
                 or bool(ls.save_every_steps and s % ls.save_every_steps == 0))
 
     def train_step(self, batch, epoch: int) -> Optional[List[Outcome]]:
-        """One step of the loop on ``batch``: the task's inputs, the scheduled values, the task's hook before the
-        forward, forward / backward / clipping, the guard's optimizer step. Returns the guard's outcomes at a read
-        point, else None. The package's one training step (tools/bench_pretrain.py times this very function)."""
+        """One step of the loop on ``batch``: the task's inputs, the scheduled values, forward / backward /
+        clipping, the guard's optimizer step (and the task's ``after_applied`` when it is applied). Returns the
+        guard's outcomes at a read point, else None. The package's one training step (tools/bench_pretrain.py times this very function)."""
         t = self.task
         inputs, n_bad = t.prepare(batch, epoch)
         self.sched = sched = self.schedule(self.step)

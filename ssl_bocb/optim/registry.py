@@ -336,7 +336,7 @@ def record(optimizer: torch.optim.Optimizer, resolved: Resolved, lr: float) -> D
 
 
 def table_rows() -> List[Dict[str, Any]]:
-    """The table as plain rows (tools/optimizers.py, README)."""
+    """The table as plain rows (ssl-bocb optimizers, docs/optimizers.md)."""
     rows = []
     for e in TABLE.values():
         row = dataclasses.asdict(e)

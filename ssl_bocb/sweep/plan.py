@@ -48,7 +48,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from omegaconf import OmegaConf
 
-from .. import config
+from .. import config, recipes
 from ..errors import UserError
 from . import select
 
@@ -217,17 +217,12 @@ def config_hash(data: Dict[str, Any], schema, drop: Tuple[str, ...]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-# the checkout this package runs from (an editable install): recipe paths such as configs/quickstart.yaml resolve
-# against it too, so that a sweep file can be run from any folder
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
 def _find_file(path: str, base: str, where: str) -> str:
-    for candidate in (path, os.path.join(base, path), os.path.join(REPO_ROOT, path)):
-        if os.path.isfile(candidate):
-            return os.path.abspath(candidate)
-    raise UserError(f"{where}: config file '{path}' does not exist (looked in the current folder, beside the "
-                    f"sweep file and in the repository {REPO_ROOT})")
+    """A recipe file of the sweep: as given, beside the sweep file, or a shipped recipe (ssl_bocb.recipes)."""
+    try:
+        return recipes.find(path, beside=[base])
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
 
 
 def _part(spec: Any, base: str, where: str) -> Part:
@@ -309,8 +304,7 @@ def _excluded(labels: Dict[str, str], rules: List[Dict[str, Any]]) -> bool:
 
 
 def load_sweep(path: str, extra: List[str] = ()) -> Tuple[SweepConfig, str]:
-    if not os.path.isfile(path):
-        raise UserError(f"sweep file '{path}' does not exist; see configs/sweeps/ for examples")
+    path = recipes.find(path, what="sweep file")  # a path, or a shipped sweep's name (sweeps/cpu_mini)
     cfg = config.load(SweepConfig, [path], [], open_keys=("axes", "grid", "stages", "select", "resources.slurm.additional"))
     sweep = OmegaConf.to_object(cfg)
     if not sweep.name:
@@ -374,7 +368,7 @@ def plan(path: str, extra: List[str] = (), seeds: Optional[List[int]] = None) ->
         if not isinstance(keys, dict) or not all(isinstance(v, list) and v for v in keys.values()):
             raise UserError(f"grid.{opt} must map optim keys to non-empty lists, e.g. {{base_lr: [0.1, 0.3]}}")
     sel = select.parse(sweep.select, list(sweep.stages), sweep.grid)
-    results = os.path.join(REPO_ROOT, sweep.results) if sweep.results else ""
+    results = os.path.abspath(sweep.results) if sweep.results else ""  # relative to the folder it runs from
     committed = read_committed(results) if results else {}
     cells, seen, used, selection = [], {}, set(), {}
     combos = itertools.product(*[vals for _, vals in axes]) if axes else [()]

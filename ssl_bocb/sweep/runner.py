@@ -32,9 +32,9 @@ from ..errors import UserError
 from .plan import Cell, Plan, Resources, Stage
 
 log = logging.getLogger(__name__)
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TOOLS = {"pretrain": "pretrain.py", "knn": "knn.py", "linprobe": "linprobe.py", "finetune": "finetune.py",
-         "val_knn": "knn.py", "val_linprobe": "linprobe.py"}
+# the ``ssl-bocb`` command each stage runs (``python -m ssl_bocb <command>``: the installed package's entry point)
+COMMANDS = {"pretrain": "pretrain", "knn": "knn", "linprobe": "linprobe", "finetune": "finetune",
+            "val_knn": "knn", "val_linprobe": "linprobe"}
 # exit codes of a stage ended by a signal (negative: Popen's -signum; 128 + n: a shell's or Python's own report)
 SIGNAL_CODES = {-signal.SIGINT, -signal.SIGTERM, -signal.SIGKILL, 130, 137, 143}
 POLL_S = 2.0
@@ -145,12 +145,13 @@ def threads_per_process(res: Resources, parallel: int) -> int:
 
 
 def stage_command(plan: Plan, cell: Cell, stage: str, res: Resources, stale: bool, port: int) -> List[str]:
-    tool = os.path.join(ROOT, "tools", TOOLS[stage])
+    command = COMMANDS[stage]
     if res.processes > 1:
         launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-                  str(res.processes), "--num_machines", "1", "--main_process_port", str(port), tool]
+                  str(res.processes), "--num_machines", "1", "--main_process_port", str(port), "-m", "ssl_bocb",
+                  command]
     else:
-        launch = [sys.executable, tool]
+        launch = [sys.executable, "-m", "ssl_bocb", command]
     folder = os.path.abspath(cell.folder)
     workers = [f"data.num_workers={res.workers}"] if res.workers is not None else []
     if stage == "pretrain":
