@@ -18,7 +18,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from . import recipes
 from .errors import UserError
 
-DATASETS = ("cifar10", "cifar100", "stl10", "imagefolder", "imagenette", "fake")
+DATASETS = ("cifar10", "cifar100", "stl10", "imagefolder", "imagenette", "folder", "fake")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 HOST_READS = ("auto", "step", "log")
 BOUNDS = (("gt", ">", lambda v, b: v > b), ("ge", ">=", lambda v, b: v >= b), ("lt", "<", lambda v, b: v < b),
@@ -41,12 +41,13 @@ def key(default: Any = None, *, help: str, factory: Optional[Callable[[], Any]] 
 @dataclass
 class DataConfig:
     name: str = key("cifar10", choices=DATASETS,
-              help="Which dataset: cifar10 | cifar100 | stl10 | imagefolder | imagenette | fake (synthetic, for "
-              "tests).")
+              help="Which dataset: cifar10 | cifar100 | stl10 | imagefolder (<root>/<split>/<class>/<image>) | "
+              "imagenette | folder (your own unlabelled images: every JPEG / PNG / WebP under data.root, at any "
+              "depth; pretraining only) | fake (synthetic, for tests).")
     root: str = key("",
               help="Folder holding the data: native torchvision files, an unpacked ImageFolder tree "
-              "(<root>/cifar10/train/..) or an archive such as cifar10-jpeg.tar.gz. Empty: $SSL_BOCB_DATA, else "
-              "./data.")
+              "(<root>/cifar10/train/..) or an archive such as cifar10-jpeg.tar.gz; with data.name=folder the "
+              "folder of images itself (required). Empty: $SSL_BOCB_DATA, else ./data.")
     download: bool = key(False,
               help="Let torchvision download cifar10 / cifar100 / stl10 into `root` when they are missing (needs "
               "internet).")

@@ -137,6 +137,42 @@ class STL10Images(Dataset):
         return self.ds[i]
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+
+
+class UnlabelledFolder(Dataset):
+    """Every image file under a folder, at any depth (JPEG, PNG, WebP; hidden files and folders left out), in sorted
+    order, with no labels (each target -1). Files are opened when read, never written: an unreadable or truncated
+    one is skipped where it is read, and counted (``skipped_images`` in the run's logs)."""
+
+    def __init__(self, root: str):
+        if not os.path.isdir(root):
+            raise UserError(f"data.name=folder: data.root='{root}' is not a folder; set data.root=<the folder of "
+                            f"your images>")
+        paths = []
+        for folder, dirs, files in os.walk(root, followlinks=True):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            paths += [os.path.join(folder, f) for f in files
+                      if not f.startswith(".") and f.lower().endswith(IMAGE_SUFFIXES)]
+        if not paths:
+            raise UserError(f"data.name=folder: no image files under '{root}' (looked for "
+                            f"{', '.join(IMAGE_SUFFIXES)} at any depth)")
+        self.root = root
+        self.samples = [(p, -1) for p in sorted(paths)]
+        self.targets = [-1] * len(paths)
+        self.classes = []
+        log.info("data.name=folder: %d image files under %s (no labels)", len(paths), root)
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        with open(self.samples[i][0], "rb") as f:  # read-only; the decode error, if any, comes with convert()
+            img = Image.open(f)
+            img.load()
+        return img, -1
+
+
 def _image_folder(path: str):
     try:
         return tvd.ImageFolder(path)
@@ -164,6 +200,15 @@ def build_base(data_cfg, split: str, image_size: Optional[int] = None):
                         seed=0 if split == "train" else 1)
         ds.patterns = FakeImages(data_cfg.fake_classes, 1, 8, seed=0).patterns
         return ds
+    if name == "folder":
+        if split != data_cfg.train_split:
+            raise UserError(f"data.name=folder holds unlabelled images for pretraining only, it has no '{split}' "
+                            f"split; set monitor.knn_every=0 and data.holdout_per_class=0, and evaluate with a "
+                            f"labelled data.name=imagefolder (kNN, probe)")
+        if not data_cfg.root:
+            raise UserError("data.name=folder reads the images under data.root: set data.root=<the folder of your "
+                            "images>")
+        return UnlabelledFolder(os.path.expanduser(data_cfg.root))
     if name == "imagefolder":
         path = _split_dir(root, split)
         if path is None:
