@@ -308,6 +308,25 @@ class StabilityConfig:
               help="kNN dip: a monitor reading more than dip_drop points below the best reading before it.")
 
 
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+
+
+@dataclass
+class LogConfig:
+    trackers: List[str] = key(factory=lambda: ["tensorboard"], choices=TRACKERS,
+              help="Where the run's scalars go, through Accelerate's trackers: any of tensorboard (<run>/tb), wandb, "
+              "mlflow (the wandb and mlflow extras); [] = none (steps.jsonl and log.jsonl are always written).")
+    project: str = key("ssl_bocb",
+              help="The wandb project and the MLflow experiment.")
+    run_name: str = key("",
+              help="The run's name in wandb and MLflow; empty: the run folder's name.")
+    wandb_mode: str = key("", choices=("", "online", "offline", "disabled"),
+              help="wandb's mode; empty: wandb's own (online, or $WANDB_MODE).")
+    mlflow_tracking_uri: str = key("",
+              help="Where MLflow writes; empty: $MLFLOW_TRACKING_URI, else file:./mlruns (a file store in the "
+              "folder the run starts from).")
+
+
 @dataclass
 class PretrainConfig:
     output_dir: str = key("",
@@ -327,6 +346,7 @@ class PretrainConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     stability: StabilityConfig = field(default_factory=StabilityConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
 
 @dataclass
@@ -442,6 +462,7 @@ class EvalConfig:
     knn: KnnConfig = field(default_factory=KnnConfig)
     linear: LinearConfig = field(default_factory=LinearConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
 
 # Free-form mappings inside the schema (any key allowed).
@@ -575,9 +596,13 @@ def declarations(schema, prefix: str = "") -> Iterator[Tuple[str, dataclasses.Fi
 
 
 def _check(key: str, value, meta) -> None:
-    if meta.get("choices") and value not in meta["choices"]:
-        raise UserError(f"{key}={value!r} is not valid; choose one of: {', '.join(meta['choices'])}")
     values = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
+    for v in values if meta.get("choices") else []:  # a list key's choices are its elements'
+        choices = meta["choices"]
+        if v not in choices:
+            near = difflib.get_close_matches(str(v), [str(c) for c in choices], n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near else ""
+            raise UserError(f"{key}={v!r} is not valid; choose one of: {', '.join(map(str, choices))}{hint}")
     for v in values:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             continue

@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.environ.get("SSL_BOCB_TEST_DATA", os.path.join(os.path.dirname(REPO), "shared", "data"))
@@ -44,3 +45,18 @@ def run_tool(tool, *args, env=None, timeout=600):
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     return subprocess.run([sys.executable, os.path.join(REPO, "tools", f"{tool}.py"), *args], capture_output=True,
                           text=True, env=full_env, timeout=timeout, cwd=REPO)
+
+
+def make_tree(root, classes=("a", "b"), per_class=3, size=16, corrupt=()):
+    """An ImageFolder tree of small PNGs under ``root`` (one folder per class); ``corrupt``: (class, i) written as
+    garbage."""
+    for c in classes:
+        os.makedirs(os.path.join(root, c), exist_ok=True)
+        for i in range(per_class):
+            path = os.path.join(root, c, f"{i}.png")
+            if (c, i) in corrupt:
+                with open(path, "wb") as f:
+                    f.write(b"not an image at all")
+            else:
+                color = (40 * i, 200 if c == "a" else 20, 90)
+                Image.new("RGB", (size, size), color).save(path)

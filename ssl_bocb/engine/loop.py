@@ -193,7 +193,7 @@ class TrainLoop:
     def run(self) -> str:
         """Train to the end (or train.stop_at_step); returns the final status: finished or stopped."""
         self._cut_logs(self.step)
-        self.tb = _TensorBoard(self.run_dir, self.acc.is_main_process)
+        self.tb = _Scalars(self.acc)
         self._log_guard()
         self.write_summary("running")
         self.guard.start()
@@ -436,29 +436,30 @@ def describe(ev: dict) -> str:
     return f"{ev['metric']} dip to {ev['value']:.2f} (best so far {ev['best']:.2f})"
 
 
-class _TensorBoard:
-    """TensorBoard scalars written by the main process (torch.utils.tensorboard): each value under
-    ``<prefix>/<key>`` against the step, and again under ``by_images/<prefix>/<key>`` against the number of images
-    seen (step x global batch), where runs with different batch sizes overlay."""
+class _Scalars:
+    """The run's scalars to its trackers (``engine.tracking``; ``accelerator.log``, main process only): each value
+    under ``<prefix>/<key>`` against the step, per-layer values under ``<prefix>/<key>/<layer>``, and the images
+    seen (step x global batch) as ``<prefix>/images_seen``. TensorBoard also gets each value under
+    ``by_images/<prefix>/<key>`` against the images seen, where runs with different batch sizes overlay (wandb and
+    MLflow plot against ``images_seen`` instead: their steps must only increase)."""
 
-    def __init__(self, run_dir: str, enabled: bool):
-        self.writer = None
-        if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(os.path.join(run_dir, "tb"))
+    def __init__(self, accelerator):
+        self.acc = accelerator
 
     def scalars(self, prefix: str, row: dict, step: int, images: int):
-        if self.writer is None:
+        if not self.acc.trackers:
             return
+        values, by_images = {f"{prefix}/images_seen": images}, {}
         for k, v in row.items():
             if k not in ("step", "epoch") and isinstance(v, (int, float)):
-                self.writer.add_scalar(f"{prefix}/{k}", v, step)
-                self.writer.add_scalar(f"by_images/{prefix}/{k}", v, images)
+                values[f"{prefix}/{k}"] = v
+                by_images[f"by_images/{prefix}/{k}"] = v
             elif isinstance(v, dict):  # per-layer values: one chart per layer under <prefix>/<key>/
-                for kk, vv in v.items():
-                    self.writer.add_scalar(f"{prefix}/{k}/{kk}", vv, step)
-        self.writer.flush()
+                values.update({f"{prefix}/{k}/{kk}": vv for kk, vv in v.items()})
+        self.acc.log(values, step=step)
+        for t in self.acc.trackers:
+            if t.name == "tensorboard":
+                t.log(by_images, step=images)
 
     def close(self):
-        if self.writer is not None:
-            self.writer.close()
+        pass  # run_task's accelerator.end_training() closes the trackers

@@ -1,6 +1,6 @@
 """One way to run a training task: ``run_task`` owns the setup every task shares (the run folder, resolved and
 checked before anything is written; the accelerator with its precision and seeded sampler; logging; the resume;
-config.yaml; the loop; the curves figure; the end of training) and calls the task's hooks for what is its own."""
+config.yaml; the trackers; the loop; the curves figure; the end of training) and calls the task's hooks for what is its own."""
 import logging
 import time
 from dataclasses import dataclass
@@ -8,6 +8,7 @@ from typing import Any, Callable, Optional
 
 from . import logs
 from .loop import Task, TrainLoop
+from .tracking import start_trackers
 from .setup import RunFolder, make_accelerator, open_run_folder, resolve_run_folder, shared_path
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ def run_task(build: Callable[[Any, str], Task], cfg, spec: RunSpec,
     if folder.resuming:  # before anything is written: a checkpoint that does not fit fails cleanly
         task.resume(folder.resume_path, folder.meta)
     open_run_folder(accelerator, folder, cfg, task.derived)
+    start_trackers(accelerator, getattr(cfg, "log", None), folder.path, task.config, fresh=not folder.resuming)
     loop = TrainLoop(task, task.loop_settings(), folder.meta)
     task.log_setup(folder, loop)
     status = loop.run()

@@ -16,7 +16,7 @@ from ssl_bocb.data.cache import DecodedImages
 from ssl_bocb.data import cache as C
 from ssl_bocb.data.pipeline import two_view_data
 from ssl_bocb.errors import UserError
-from test_data import make_tree
+from conftest import make_tree
 
 
 def data_cfg(*overrides):

@@ -1,10 +1,9 @@
-import os
 import tarfile
 
 import pytest
 import torch
-from PIL import Image
 
+from conftest import make_tree
 from ssl_bocb import config
 from ssl_bocb.data import build_dataset, eval_transform, per_class_subset, pretrain_transform
 from ssl_bocb.data.archive import unpack_once
@@ -13,19 +12,6 @@ from ssl_bocb.errors import UserError
 
 def data_cfg(*overrides):
     return config.load(config.PretrainConfig, [], list(overrides)).data
-
-
-def make_tree(root, classes=("a", "b"), per_class=3, size=16, corrupt=()):
-    for c in classes:
-        os.makedirs(os.path.join(root, c), exist_ok=True)
-        for i in range(per_class):
-            path = os.path.join(root, c, f"{i}.png")
-            if (c, i) in corrupt:
-                with open(path, "wb") as f:
-                    f.write(b"not an image at all")
-            else:
-                color = (40 * i, 200 if c == "a" else 20, 90)
-                Image.new("RGB", (size, size), color).save(path)
 
 
 def test_two_views_differ_and_follow_the_asymmetry():

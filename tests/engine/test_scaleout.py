@@ -127,7 +127,7 @@ def _ranks(out, n):
 def _archive(root):
     """A small Imagenette-style archive: imagenette/{train,val}/<class>/*.png inside imagenette64-jpeg.tar.gz."""
     import tarfile
-    from test_data import make_tree
+    from conftest import make_tree
     tree = os.path.join(root, "tree", "imagenette")
     make_tree(os.path.join(tree, "train"), per_class=8, size=16)
     make_tree(os.path.join(tree, "val"), per_class=4, size=16)
@@ -247,7 +247,7 @@ def test_a_file_that_vanishes_while_decoding_stops_the_run_and_is_not_cached(tmp
     count it as unreadable in every later run."""
     from ssl_bocb.data import cache as cache_mod
     from ssl_bocb.errors import UserError
-    from test_data import make_tree
+    from conftest import make_tree
     make_tree(tmp_path / "data" / "train", per_class=4, size=16)
     cfg = config.load(P, [], ["data.name=imagefolder", f"data.root={tmp_path / 'data'}", "data.image_size=16",
                               f"data.cache_dir={tmp_path / 'cache'}"]).data
