@@ -81,6 +81,13 @@ class SlurmResources:
     mem_gb: int = 0
     # Further submitit slurm_* parameters, e.g. {exclude: node12}.
     additional: Dict[str, Any] = field(default_factory=dict)
+    # Requeues after reaching the time limit, per job (submitit's max_num_timeout); preemptions requeue regardless.
+    max_requeues: int = 1000
+    # Grace time: SLURM signals the job this many seconds before its time limit (sbatch --signal).
+    signal_delay_s: int = 120
+    # How long a stopping stage may take to write its checkpoint before it is killed; 0 = the grace time less 15 s.
+    # Always bounded by the grace time less 15 s, which the requeue itself needs.
+    stop_wait_s: int = 0
 
 
 @dataclass
@@ -318,6 +325,12 @@ def load_sweep(path: str, extra: List[str] = ()) -> Tuple[SweepConfig, str]:
     for key in ("threads", "gpus"):
         if getattr(r, key) < 0:
             raise UserError(f"resources.{key} must be >= 0, got {getattr(r, key)}")
+    for key in ("max_requeues", "stop_wait_s"):
+        if getattr(r.slurm, key) < 0:
+            raise UserError(f"resources.slurm.{key} must be >= 0, got {getattr(r.slurm, key)}")
+    if not 1 <= r.slurm.signal_delay_s < r.time_limit_min * 60:
+        raise UserError(f"resources.slurm.signal_delay_s must be >= 1 and below the time limit "
+                        f"({r.time_limit_min * 60} s), got {r.slurm.signal_delay_s}")
     if not sweep.seeds:
         raise UserError("seeds must list at least one seed")
     bad = [o for o in list(sweep.overrides) + list(extra) if "=" not in o]

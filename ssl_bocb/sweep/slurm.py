@@ -18,17 +18,39 @@ from ..errors import UserError
 from .plan import Plan, plan as make_plan
 from .runner import cell_status, run_cell
 
-STOP_WAIT_S = 60
+REQUEUE_MARGIN_S = 15  # of the grace time, left for submitit to write the requeued job and call scontrol requeue
+
+
+def exited(pid: int, seconds: float) -> bool:
+    """Whether child ``pid`` has exited within ``seconds``, without reaping it (its Popen still does)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                return True
+        except ChildProcessError:  # reaped already
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+
+
+def stop_wait(signal_delay_s: int, stop_wait_s: int = 0) -> int:
+    """Seconds a stopping stage gets to write its checkpoint: ``stop_wait_s`` (0: all it can), never more than the
+    grace time less the requeue's margin (at least 1)."""
+    most = max(1, signal_delay_s - REQUEUE_MARGIN_S)
+    return most if stop_wait_s <= 0 else min(stop_wait_s, most)
 
 
 class CellJob(submitit.helpers.Checkpointable):
     """What a SLURM array task runs: the named cell of the sweep file (planned again inside the job, from the same
     file and overrides, so the job and the submitter agree on every cell's name and hash)."""
 
-    def __init__(self, sweep_path: str, extra: List[str], seeds: Optional[List[int]] = None):
+    def __init__(self, sweep_path: str, extra: List[str], seeds: Optional[List[int]] = None, wait_s: int = 60):
         self.sweep_path = sweep_path
         self.extra = list(extra)
         self.seeds = None if seeds is None else list(seeds)
+        self.wait_s = wait_s
         self._proc: Optional[subprocess.Popen] = None
 
     def __call__(self, cell_id: str) -> str:
@@ -43,31 +65,33 @@ class CellJob(submitit.helpers.Checkpointable):
         self._proc = proc
 
     def checkpoint(self, cell_id: str):
+        """submitit calls this in its signal handler, possibly while the runner's own poll of the stage holds the
+        Popen's lock: so the stage's exit is watched with waitid, never with the Popen's wait or poll."""
         proc = self._proc
-        if proc is not None and proc.poll() is None:
+        if proc is not None and proc.returncode is None and not exited(proc.pid, 0):
             proc.send_signal(signal.SIGINT)  # pretraining saves a checkpoint on Ctrl-C
-            try:
-                proc.wait(timeout=STOP_WAIT_S)
-            except subprocess.TimeoutExpired:
+            if not exited(proc.pid, self.wait_s):
                 proc.kill()
-                proc.wait()
-        return submitit.helpers.DelayedSubmission(CellJob(self.sweep_path, self.extra, self.seeds), cell_id)
+                exited(proc.pid, 10)
+        return submitit.helpers.DelayedSubmission(CellJob(self.sweep_path, self.extra, self.seeds, self.wait_s),
+                                                  cell_id)
 
     def __getstate__(self):
-        return {"sweep_path": self.sweep_path, "extra": self.extra, "seeds": self.seeds}
+        return {"sweep_path": self.sweep_path, "extra": self.extra, "seeds": self.seeds, "wait_s": self.wait_s}
 
     def __setstate__(self, state):
-        self.__init__(state["sweep_path"], state["extra"], state.get("seeds"))
+        self.__init__(state["sweep_path"], state["extra"], state.get("seeds"), state.get("wait_s", 60))
 
 
 def executor_for(p: Plan, cluster: Optional[str]) -> submitit.AutoExecutor:
     res = p.resources
     folder = os.path.join(p.output_dir, "slurm", "%j")
-    ex = submitit.AutoExecutor(folder=folder, cluster=cluster)
-    params = dict(timeout_min=res.time_limit_min, nodes=1, tasks_per_node=1,
+    s = res.slurm
+    ex = submitit.AutoExecutor(folder=folder, cluster=cluster, slurm_max_num_timeout=s.max_requeues,
+                               local_max_num_timeout=s.max_requeues)
+    params = dict(timeout_min=res.time_limit_min, nodes=1, tasks_per_node=1, slurm_signal_delay_s=s.signal_delay_s,
                   cpus_per_task=max(1, (res.threads or 1) * res.processes), gpus_per_node=res.gpus or None,
                   name=f"sweep-{p.name}", slurm_array_parallelism=res.parallel)
-    s = res.slurm
     for key in ("partition", "account", "qos", "constraint"):
         if getattr(s, key):
             params[f"slurm_{key}"] = getattr(s, key)
@@ -94,7 +118,8 @@ def submit(p: Plan, cluster: Optional[str] = None, retry_failed: bool = False, w
     if not todo:
         return {"jobs": {}, "states": {}}
     ex = executor_for(p, cluster)
-    job = CellJob(p.path, p.extra, p.seeds)
+    s = p.resources.slurm
+    job = CellJob(p.path, p.extra, p.seeds, stop_wait(s.signal_delay_s, s.stop_wait_s))
     try:
         jobs = ex.map_array(job, todo)
     except Exception as e:  # sbatch missing, rejected parameters ...

@@ -290,6 +290,59 @@ def test_cell_job_checkpoint_stops_the_stage_and_requeues_the_same_cell(tmp_path
     assert proc.poll() is not None and proc.returncode != -signal.SIGKILL  # stopped by SIGINT, not killed
     assert isinstance(delayed, submitit.helpers.DelayedSubmission) and delayed.args == ("sgd__s0",)
     assert isinstance(delayed.function, CellJob) and delayed.function.sweep_path == job.sweep_path
+    assert delayed.function.wait_s == job.wait_s == 60
+
+
+def test_the_stop_wait_is_bounded_by_the_grace_time():
+    from ssl_bocb.sweep.slurm import stop_wait
+    assert [stop_wait(120), stop_wait(120, 30), stop_wait(120, 500), stop_wait(10)] == [105, 30, 105, 1]
+
+
+def test_the_executor_gets_the_requeue_limit_and_the_grace_time(tmp_path, monkeypatch):
+    import submitit.slurm.slurm as submitit_slurm
+    from ssl_bocb.sweep.slurm import executor_for
+    monkeypatch.setattr(submitit_slurm.SlurmExecutor, "affinity", staticmethod(lambda: 1))  # no srun here
+    path = write_sweep(tmp_path, resources={"parallel": 1, "threads": 1, "time_limit_min": 30,
+                                            "slurm": {"max_requeues": 7, "signal_delay_s": 200}})
+    p = plan(path)
+    assert executor_for(p, "local")._executor.max_num_timeout == 7
+    ex = executor_for(p, "slurm")
+    assert ex._executor.max_num_timeout == 7 and ex._executor.parameters["signal_delay_s"] == 200
+    sbatch = executor_for(p, "slurm")._executor._make_submission_file_text("cmd", "uid")
+    assert "#SBATCH --signal=USR2@200" in sbatch and "#SBATCH --time=30" in sbatch
+    assert plan(write_sweep(tmp_path)).resources.slurm.max_requeues == 1000  # the default: keep going
+    bad = write_sweep(tmp_path, name="bad", resources={"time_limit_min": 2, "slurm": {"signal_delay_s": 120}})
+    with pytest.raises(UserError, match="signal_delay_s must be >= 1 and below the time limit \\(120 s\\)"):
+        plan(bad)
+
+
+@pytest.mark.slow
+def test_a_timed_out_job_saves_requeues_and_finishes_its_cell_with_the_local_executor(tmp_path):
+    """submitit's local executor, a simulated time-limit signal (USR2, as sbatch --signal sends it) once the stage
+    has a checkpoint: the stage writes one on SIGINT, the job is requeued and the cell continues from it to the end."""
+    import glob as globmod
+    from ssl_bocb.sweep.slurm import CellJob, executor_for
+    path = write_sweep(tmp_path, axes={"optimizer": {"key": "optim.name", "values": ["sgd"]}},
+                       overrides=list(BASE) + ["train.epochs=30", "train.save_every_steps=4"],
+                       resources={"parallel": 1, "threads": 1, "time_limit_min": 10})
+    p = plan(path)
+    cell = p.cells[0]
+    ex = executor_for(p, "local")
+    (job,) = ex.map_array(CellJob(p.path, p.extra, p.seeds, wait_s=60), [cell.id])
+    deadline = time.time() + 300
+    while not globmod.glob(os.path.join(cell.folder, "checkpoints", "step-*", "meta.json")):
+        assert time.time() < deadline and not job.done(), "no checkpoint before the deadline"
+        time.sleep(0.5)
+    # SLURM's USR2 before the time limit, to the task (the local executor's controller forwards only SIGTERM)
+    controller = job._process.pid
+    (task,) = [int(c) for c in open(f"/proc/{controller}/task/{controller}/children").read().split()]
+    os.kill(task, signal.SIGUSR2)
+    job.result()
+    assert cell_status(cell)["state"] == "done"
+    tries = attempts(cell)
+    assert len(tries) == 2 and tries[1]["from_step"] > 0 and tries[1]["rc"] == 0  # stopped once, then continued
+    log = open(os.path.join(cell.folder, "train.log")).read()  # the run's own log, both parts
+    assert "interrupted at step" in log and "resum" in log.split("interrupted at step")[1]
 
 
 @pytest.mark.slow
