@@ -13,7 +13,7 @@ checkpoint (model, momentum encoder, optimizer state, EMA) and of the exported b
 evaluations' metrics files (less timings and paths). ``compare`` names every
 value that differs; rows may gain keys (a newer loop logs more), never lose or change one.
 
-Results are bit-identical only on one machine and one torch build. Each record names both (``_machine``); when
+Results are bit-identical only on one machine and one torch build. Each record names both, and the thread count (``_machine``); when
 two records name the same, ``compare`` asks every value to be identical. Across machines (the suite's reference
 record, tests/golden/reference.json, read on another CPU) float kernels round differently: then the same runs,
 rows, keys and tensor names are asked for, every number within ``--rtol`` (1e-3) and every string identical, and
@@ -133,7 +133,9 @@ def record_evals(tmp, checkpoint):
 def fingerprint():
     import torch
     from ssl_bocb.device import machine_name
-    return {"machine": machine_name("cpu"), "torch": torch.__version__}
+    # the thread count too: a reduction split over other threads rounds otherwise, so only the same count is
+    # compared bit for bit
+    return {"machine": machine_name("cpu"), "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
 def record(path):

@@ -401,10 +401,11 @@ def test_shipped_sweeps_plan_and_their_committed_rows_stay_done(name):
 
 @pytest.mark.slow
 def test_a_committed_results_table_counts_as_done_on_a_new_machine(tmp_path, monkeypatch):
-    """With `results:`, run writes each finished cell's row to a table kept in the repository; a fresh checkout (no
-    cell folders) plans those cells as done and does not run them again, and collect keeps their rows."""
-    import importlib
-    monkeypatch.setattr(importlib.import_module("ssl_bocb.sweep.plan"), "REPO_ROOT", str(tmp_path / "repo"))
+    """With `results:` (relative to the folder the sweep runs from), run writes each finished cell's row to a table
+    kept in the repository; a fresh checkout (no cell folders) plans those cells as done and does not run them
+    again, and collect keeps their rows."""
+    (tmp_path / "repo").mkdir()
+    monkeypatch.chdir(tmp_path / "repo")
     path = write_sweep(tmp_path, name="c", results="studies/c/results.csv",
                        axes={"optimizer": {"key": "optim.name", "values": ["sgd"]}})
     table = tmp_path / "repo" / "studies" / "c" / "results.csv"
