@@ -135,6 +135,7 @@ def test_declared_bounds_and_choices_hold_for_both_twins():
     assert config.load(E, [], ["finetune.optim.base_lr=0.1"]).finetune.optim.base_lr == 0.1
 
 
+@pytest.mark.slow
 def test_help_config_lists_keys_with_their_facts():
     import subprocess
     import sys

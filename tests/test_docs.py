@@ -137,6 +137,7 @@ def test_every_sweep_file_key_and_ablation_overlay_is_in_the_docs():
     assert not missing, missing
 
 
+@pytest.mark.slow
 def test_every_analyze_option_is_in_the_docs():
     help_text = subprocess.run([sys.executable, os.path.join(REPO, "tools", "analyze.py"), "--help"],
                                capture_output=True, text=True, check=True, env=dict(os.environ, COLUMNS="200")).stdout

@@ -2,6 +2,8 @@
 and every module imports on its own (no import cycle hides behind an import order)."""
 import ast
 import os
+
+import pytest
 import subprocess
 import sys
 
@@ -86,6 +88,7 @@ def test_the_layer_check_sees_a_violation(tmp_path):
     assert "ssl_bocb.analysis.report" in imported("ssl_bocb.engine.x", str(fake))
 
 
+@pytest.mark.slow
 def test_every_module_imports_alone():
     names = [n for n, _ in modules()]
     code = (

@@ -26,6 +26,7 @@ def ssl_bocb(*args, cwd=None, python=sys.executable, timeout=600):
                           timeout=timeout, env=dict(os.environ, PYTHONUNBUFFERED="1"))
 
 
+@pytest.mark.slow
 def test_the_entry_point_lists_its_commands_and_refuses_a_typo():
     out = ssl_bocb("--help")
     assert out.returncode == 0

@@ -260,6 +260,7 @@ ABLATIONS = sorted(glob.glob(os.path.join(REPO, "configs", "ablations", "*.yaml"
 RECIPES = sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml")))
 
 
+@pytest.mark.slow
 def test_every_ablation_overlay_loads_on_every_recipe_and_changes_something():
     assert len(ABLATIONS) >= 15
     bases = {r: config.to_dict(config.load(config.PretrainConfig, [r])) for r in RECIPES}

@@ -372,6 +372,7 @@ def test_collect_and_report_read_the_fine_tunes_stability(tmp_path):
     assert cell.name in json.load(open(paths["json"]))["finetune_stability"]
 
 
+@pytest.mark.slow
 def test_plan_resolves_recipe_paths_from_another_folder(tmp_path):
     """configs/quickstart.yaml in a sweep file is found in the repository when the sweep runs from elsewhere."""
     proc = subprocess.run([sys.executable, SWEEP, "plan", os.path.join(REPO, "configs", "sweeps", "cpu_mini.yaml")],
