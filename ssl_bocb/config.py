@@ -597,8 +597,8 @@ def declarations(schema, prefix: str = "") -> Iterator[Tuple[str, dataclasses.Fi
 
 def _check(key: str, value, meta) -> None:
     values = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
-    for v in values if meta.get("choices") else []:  # a list key's choices are its elements'
-        choices = meta["choices"]
+    choices = meta.get("choices")
+    for v in values if choices else ():  # a list key's choices are its elements'
         if v not in choices:
             near = difflib.get_close_matches(str(v), [str(c) for c in choices], n=1)
             hint = f" (did you mean '{near[0]}'?)" if near else ""

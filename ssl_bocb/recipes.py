@@ -16,12 +16,16 @@ def recipes_dir() -> str:
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 
-def _candidates(name: str) -> List[str]:
+def _relative(name: str) -> str:
+    """``name`` inside the recipes folder: without a leading ``./`` or ``configs/``."""
     rel = name.replace("\\", "/")
     if rel.startswith("./"):
         rel = rel[2:]
-    if rel.startswith("configs/"):
-        rel = rel[len("configs/"):]
+    return rel[len("configs/"):] if rel.startswith("configs/") else rel
+
+
+def _candidates(name: str) -> List[str]:
+    rel = _relative(name)
     names = [rel] if rel.endswith((".yaml", ".yml")) else [rel + ".yaml", rel]
     return [os.path.join(recipes_dir(), n) for n in names]
 
@@ -53,7 +57,7 @@ def names(under: Optional[str] = None) -> List[str]:
 
 def _nearest(path: str) -> Optional[str]:
     import difflib
-    stem = path[len("configs/"):] if path.startswith("configs/") else path
+    stem = _relative(path)
     stem = stem[:-len(".yaml")] if stem.endswith(".yaml") else stem
     close = difflib.get_close_matches(stem, names(), n=1, cutoff=0.75)
     return close[0] if close else None

@@ -5,12 +5,9 @@ pretrained=True)``), and optionally push it to the Hugging Face Hub with a model
     ssl-bocb export runs/my_run --out exported/my_vit --push-to-hub me/my-vit    # needs a token (huggingface-cli login)
 """
 import argparse
-import logging
 
 from ..errors import cli_main
 from ..models.publish import export_timm, push_to_hub
-
-log = logging.getLogger("ssl_bocb")
 
 
 @cli_main

@@ -167,7 +167,7 @@ class UnlabelledFolder(Dataset):
         return len(self.samples)
 
     def __getitem__(self, i):
-        with open(self.samples[i][0], "rb") as f:  # read-only; the decode error, if any, comes with convert()
+        with open(self.samples[i][0], "rb") as f:  # read-only; load() decodes here, so a bad file raises here
             img = Image.open(f)
             img.load()
         return img, -1

@@ -264,7 +264,8 @@ class TrainLoop:
     def train_step(self, batch, epoch: int) -> Optional[List[Outcome]]:
         """One step of the loop on ``batch``: the task's inputs, the scheduled values, forward / backward /
         clipping, the guard's optimizer step (and the task's ``after_applied`` when it is applied). Returns the
-        guard's outcomes at a read point, else None. The package's one training step (tools/bench_pretrain.py times this very function)."""
+        guard's outcomes at a read point, else None. The package's one training step (tools/bench_pretrain.py
+        times this very function)."""
         t = self.task
         inputs, n_bad = t.prepare(batch, epoch)
         self.sched = sched = self.schedule(self.step)
@@ -415,8 +416,6 @@ class TrainLoop:
         if self.acc.is_main_process and figure is not None:
             log.info("curves: %s", figure(self.run_dir))
         self.acc.wait_for_everyone()
-        if self.tb is not None:
-            self.tb.close()
 
     def _log_guard(self) -> None:
         st, ev = self.ls.stability, self.events
@@ -441,7 +440,8 @@ class _Scalars:
     under ``<prefix>/<key>`` against the step, per-layer values under ``<prefix>/<key>/<layer>``, and the images
     seen (step x global batch) as ``<prefix>/images_seen``. TensorBoard also gets each value under
     ``by_images/<prefix>/<key>`` against the images seen, where runs with different batch sizes overlay (wandb and
-    MLflow plot against ``images_seen`` instead: their steps must only increase)."""
+    MLflow plot against ``images_seen`` instead: their steps must only increase). run_task's
+    ``accelerator.end_training()`` closes the trackers."""
 
     def __init__(self, accelerator):
         self.acc = accelerator
@@ -460,6 +460,3 @@ class _Scalars:
         for t in self.acc.trackers:
             if t.name == "tensorboard":
                 t.log(by_images, step=images)
-
-    def close(self):
-        pass  # run_task's accelerator.end_training() closes the trackers

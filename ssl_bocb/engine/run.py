@@ -1,6 +1,7 @@
 """One way to run a training task: ``run_task`` owns the setup every task shares (the run folder, resolved and
 checked before anything is written; the accelerator with its precision and seeded sampler; logging; the resume;
-config.yaml; the trackers; the loop; the curves figure; the end of training) and calls the task's hooks for what is its own."""
+config.yaml; the trackers; the loop; the curves figure; the end of training) and calls the task's hooks for what
+is its own."""
 import logging
 import time
 from dataclasses import dataclass
