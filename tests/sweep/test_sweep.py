@@ -455,3 +455,23 @@ def test_baselines_read_each_backbone_variant_at_random_init_as_the_knn_stage(tm
                          "knn_metrics.json"))
     assert knn["init"] == "random" and knn["top1"] == out["vit_tiny_patch16_224 frozen-patch=off"]
     assert knn["protocol"]["test_subset"] == 4  # the sweep's knn stage settings
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_a_cell_with_two_processes_runs_the_package_under_accelerate_launch(tmp_path):
+    """resources.processes=2: each stage is `accelerate launch --num_processes 2 -m ssl_bocb <command>` (gloo on the
+    CPU), and the cell's pretraining ran as one run of two processes."""
+    from ssl_bocb.sweep.runner import stage_command
+    path = write_sweep(tmp_path, axes={"optimizer": {"key": "optim.name", "values": ["sgd"]}},
+                       resources={"parallel": 1, "threads": 1, "processes": 2})
+    p = plan(path)
+    cmd = stage_command(p, p.cells[0], "pretrain", p.resources, False, 29517)
+    assert cmd[cmd.index("--num_processes") + 1] == "2" and cmd[cmd.index("-m", 3):][:3] == ["-m", "ssl_bocb",
+                                                                                           "pretrain"]
+    proc = sweep_cli("run", path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cell = p.cells[0]
+    assert cell_status(cell)["state"] == "done"
+    derived = yaml.safe_load(open(os.path.join(cell.folder, "config.yaml")))["derived"]
+    assert derived["world_size"] == 2
